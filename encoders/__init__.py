@@ -1,0 +1,12 @@
+"""Encoders: backbones that turn raw media into feature sequences ``[B, N, D]``.
+
+To add one, write a module here with a subclass of ``mmpost.interfaces.Encoder`` and add one line
+below. Modules are imported only when their name is used.
+"""
+
+from mmpost.registry import Registry
+
+ENCODERS = Registry("encoder")
+ENCODERS.add("open_clip", "encoders.open_clip_vision:OpenClipEncoder")
+ENCODERS.add("timm", "encoders.timm_vision:TimmEncoder")
+ENCODERS.add("hf_vision", "encoders.hf_vision:HFVisionEncoder")

@@ -1,0 +1,166 @@
+"""The ``mmpost`` command: train, demo, data synth, generate, export, config.
+
+Errors a user can fix (config, data, paths, launch) print one ``mmpost: error: ...`` line and exit
+with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe something the user can fix; ValueError covers ConfigError, DataError and
+    bad part arguments. Set MMPOST_DEBUG=1 to see their tracebacks too."""
+    from mmpost.registry import RegistryError
+    from mmpost.training.accel import LaunchError
+    from mmpost.training.run import RunError
+
+    return (FileNotFoundError, FileExistsError, ValueError, FloatingPointError, RegistryError, RunError, LaunchError)
+
+
+def _overrides(values: list[list[str]] | None) -> list[str]:
+    return [item for group in values or [] for item in group]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mmpost.config import load_config
+    from mmpost.stages import STAGES
+
+    cfg = load_config(args.config, _overrides(args.set))
+    options = {k: v for k, v in cfg.stage.items() if k != "name"}
+    stage = STAGES.build(cfg.stage["name"], **options)
+    summary = stage.run(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        after = summary["eval_after"] or {}
+        shown = {k: round(v, 4) for k, v in after.items() if k.startswith("eval/")}
+        print(f"{summary['stage']}: {summary['steps']} steps in {summary['seconds']} s; {shown}")
+        print(f"model: {summary['final']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mmpost.demo import run_demo
+
+    run_demo(Path(args.out), force=args.force)
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from mmpost.data.synth import synthesize
+
+    manifest = synthesize(args.out, num_train=args.train, num_heldout=args.heldout, image_size=args.image_size,
+                          seed=args.seed)  # fmt: skip
+    print(f"wrote {manifest['counts']} to {args.out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from mmpost.generate import answer
+
+    print(answer(args.model, args.prompt, images=args.image or [], max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mmpost.export import export
+
+    out = export(args.model, args.out, fmt=args.format, force=args.force)
+    print(f"exported {args.format} to {out}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from mmpost.config import RunConfig, load_config, to_dict
+    from mmpost.config.loader import describe, describe_registry
+
+    if args.action == "keys":
+        print("\n".join(describe(RunConfig)))
+        for registry in ("stages", "encoders", "connectors"):
+            print()
+            print("\n".join(describe_registry(registry)))
+    else:
+        if not args.config:
+            raise ValueError("mmpost config show needs a config file")
+        print(yaml.safe_dump(to_dict(load_config(args.config, _overrides(args.set))), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmpost", description="Post-training for large multimodal models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run one stage from a YAML config")
+    p.add_argument("config", help="YAML run config (see `mmpost config keys`)")
+    p.add_argument("--set", nargs="+", action="append", metavar="KEY=VALUE", help="override keys: train.lr=2e-5")
+    p.add_argument("--resume", action="store_true", help="continue the run in `out` from its latest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="synthetic data + tiny models: align, sft, evaluate, export (CPU, offline)")
+    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    p.add_argument("--force", action="store_true", help="replace a previous demo in --out")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    s = data_sub.add_parser("synth", help="write the built-in synthetic dataset (shapes: captions, questions)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--train", type=int, default=4000, help="training images")
+    s.add_argument("--heldout", type=int, default=300, help="held-out images (one question each)")
+    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("generate", help="answer a prompt about media with a saved model")
+    p.add_argument("model", help="a saved model directory or a run (its final/)")
+    p.add_argument("--image", action="append", help="image file (repeat for several); prepended as <image>")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write a model for serving (mmpost format, or transformers' LLaVA layout)")
+    p.add_argument("model", help="a saved model directory or a run (its final/)")
+    p.add_argument("--format", choices=["hf", "mmpost"], default="mmpost")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing it")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("config", help="list every config key with its documentation, or show a resolved config")
+    p.add_argument("action", choices=["keys", "show"])
+    p.add_argument("config", nargs="?")
+    p.add_argument("--set", nargs="+", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def quiet_libraries() -> None:
+    """Keep the console for mmpost's own progress: no per-file load bars or advisory warnings."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    quiet_libraries()
+    try:
+        return args.func(args)
+    except user_errors() as err:
+        if os.environ.get("MMPOST_DEBUG"):
+            raise
+        print(f"mmpost: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

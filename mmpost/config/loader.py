@@ -1,0 +1,310 @@
+"""YAML into typed dataclasses, strictly.
+
+Every key of a config is a field of a dataclass (or a constructor argument of a registered part).
+An unknown key fails with its dotted path and the nearest valid key; a wrong type fails with the
+path and the expected type; booleans must be booleans (``--set train.compile=False`` is False, and
+``=0`` is an error). There is no fallback value for a misspelt key.
+
+Parts chosen by name (``encoders.image: {name: timm, model: resnet18}``) are checked against the
+registered class's constructor signature, so the constructor's type hints and docstring are the
+schema and the documentation of those keys.
+
+Written by hand (~200 lines) rather than with draccus / omegaconf: we need registry-aware
+sub-schemas and YAML 1.1's "1e-4 is a string" fixed for float fields, and neither fits both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from mmpost.registry import Registry, RegistryError
+
+MISSING = dataclasses.MISSING
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the dotted key."""
+
+
+def registry_field(registry: str, many: bool = False, default: Any = MISSING, default_factory: Any = MISSING) -> Any:
+    """A dataclass field whose value names a registered part: ``{name: ..., **kwargs}`` or just the name.
+
+    Args:
+        registry: "encoders", "connectors" or "stages".
+        many: the value is a ``{modality: part}`` mapping rather than one part.
+    """
+    return dataclasses.field(
+        default=default, default_factory=default_factory, metadata={"registry": registry, "many": many}
+    )
+
+
+def get_registry(name: str) -> Registry:
+    if name == "encoders":
+        from encoders import ENCODERS
+
+        return ENCODERS
+    if name == "connectors":
+        from connectors import CONNECTORS
+
+        return CONNECTORS
+    if name == "stages":
+        from mmpost.stages import STAGES
+
+        return STAGES
+    raise KeyError(name)
+
+
+def yaml_key(field_name: str) -> str:
+    """``from_`` is written ``from`` in YAML (a Python keyword cannot be a field name)."""
+    return field_name[:-1] if field_name.endswith("_") else field_name
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _nearest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Checks ``value`` against type hint ``tp`` and returns it (dataclasses built, floats widened)."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{where}: must not be null (expected {_type_name(tp)})")
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: expected one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        _, val_tp = typing.get_args(tp) or (str, Any)
+        return {str(k): coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        # YAML 1.1 reads 2e-5 (no dot) as a string; accept exactly the strings float() reads.
+        if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value.strip()):
+            return float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported config type {_type_name(tp)}")
+
+
+def check_part(registry_name: str, spec: Any, where: str) -> dict[str, Any]:
+    """Validates ``spec`` ({name: ..., **kwargs} or a bare name) against the registered constructor."""
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ConfigError(f"{where}: expected a mapping with a 'name' key (or just the name), got {spec!r}")
+    registry = get_registry(registry_name)
+    try:
+        cls = registry.get(spec["name"])
+    except RegistryError as err:
+        raise ConfigError(f"{where}.name: {err}") from None
+    params, hints = constructor_params(cls)
+    out: dict[str, Any] = {"name": spec["name"]}
+    for key, value in spec.items():
+        if key == "name":
+            continue
+        if key not in params:
+            raise ConfigError(f"{where}.{key}: unknown key for {registry.kind} {spec['name']!r}{_nearest(key, params)}")
+        out[key] = coerce(value, hints.get(key, Any), f"{where}.{key}")
+    missing = [p for p, param in params.items() if param.default is inspect.Parameter.empty and p not in out]
+    if missing:
+        raise ConfigError(f"{where}: {registry.kind} {spec['name']!r} needs {', '.join(missing)}")
+    return out
+
+
+def constructor_params(cls: type) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
+    sig = inspect.signature(cls.__init__)
+    params = {
+        n: p for n, p in sig.parameters.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+    return params, typing.get_type_hints(cls.__init__)
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Builds dataclass ``cls`` from ``data``, checking every key and type; ``where`` prefixes messages."""
+    hints = typing.get_type_hints(cls)
+    fields = {yaml_key(f.name): f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise ConfigError(f"{path}: unknown key{_nearest(str(key), list(fields))}")
+        field = fields[key]
+        registry = field.metadata.get("registry")
+        tp = hints[field.name]
+        if registry is None:
+            kwargs[field.name] = coerce(value, tp, path)
+        elif field.metadata["many"]:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: expected a mapping of modality to part, got {value!r}")
+            kwargs[field.name] = {k: check_part(registry, v, f"{path}.{k}") for k, v in value.items()}
+        else:
+            kwargs[field.name] = None if value is None else check_part(registry, value, path)
+    for key, field in fields.items():
+        if field.name not in kwargs and field.default is MISSING and field.default_factory is MISSING:
+            raise ConfigError(f"{where + '.' if where else ''}{key}: required key is missing")
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass config as plain YAML-able data, with YAML key names."""
+    if dataclasses.is_dataclass(obj):
+        return {yaml_key(f.name): to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Applies dotlist overrides (``train.lr=2e-5``); values are parsed as YAML (``false``, ``[a, b]``)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=2e-5")
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} holds {child!r}, not a mapping")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_docstring(obj: Any) -> dict[str, str]:
+    """Field docs from a Google-style ``Attributes:`` or ``Args:`` section."""
+    doc = inspect.getdoc(obj) or ""
+    docs: dict[str, str] = {}
+    in_section, current = False, None
+    for line in doc.splitlines():
+        if line.strip() in ("Attributes:", "Args:"):
+            in_section = True
+            continue
+        if in_section and line and not line.startswith(" "):
+            in_section = False
+        if not in_section:
+            continue
+        match = re.match(r"^    (\w+)(?: \(.*?\))?: (.*)$", line)
+        if match:
+            current = match.group(1)
+            docs[current] = match.group(2).strip()
+        elif current and line.strip():
+            docs[current] += " " + line.strip()
+    return docs
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One line per key of dataclass ``cls``: dotted key, type, default and its documentation."""
+    lines = []
+    docs = parse_docstring(cls)
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        key = prefix + yaml_key(field.name)
+        tp = hints[field.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{key}:  {docs.get(field.name, '')}")
+            lines += describe(tp, key + ".")
+            continue
+        if field.default is not MISSING:
+            default = f" = {field.default!r}"
+        elif field.default_factory is not MISSING:
+            default = f" = {field.default_factory()!r}"
+        else:
+            default = " (required)"
+        registry = field.metadata.get("registry")
+        kind = f"one of the registered {registry} (see below)" if registry else _type_name(tp)
+        lines.append(f"{key} [{kind}]{default}\n    {docs.get(field.name, 'undocumented')}")
+    return lines
+
+
+def describe_registry(registry_name: str) -> list[str]:
+    registry = get_registry(registry_name)
+    lines = []
+    for name in registry.names():
+        cls = registry.get(name)
+        params, hints = constructor_params(cls)
+        docs = parse_docstring(cls) | parse_docstring(cls.__init__)
+        summary = (inspect.getdoc(cls) or "").splitlines()[0] if inspect.getdoc(cls) else ""
+        lines.append(f"{registry.kind} {name!r}: {summary}")
+        for pname, param in params.items():
+            default = " (required)" if param.default is inspect.Parameter.empty else f" = {param.default!r}"
+            lines.append(f"    {pname} [{_type_name(hints.get(pname, Any))}]{default}: {docs.get(pname, '')}")
+    return lines

@@ -1,0 +1,203 @@
+"""The run config: one dataclass per component. Every key is documented in its class's Attributes.
+
+``mmpost config keys`` prints this documentation; ``mmpost config show CFG --set ...`` prints a
+resolved config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from mmpost.config.loader import registry_field
+
+
+@dataclass
+class LLMConfig:
+    """The language model.
+
+    Attributes:
+        path: a transformers causal-LM directory or hub id (``pkg:<package>/<dir>`` for a model shipped
+            in a Python package). Not needed when the run starts ``from:`` an earlier run.
+        gguf_file: file name of a GGUF checkpoint inside ``path``; transformers dequantizes it on load.
+        dtype: dtype of the LLM weights in memory. Keep float32 for training on CPU or with mixed
+            precision (``train.precision``); bfloat16 halves memory for frozen LLMs.
+        attn_implementation: transformers attention backend: sdpa, eager or flash_attention_2.
+        chat_template: a Jinja chat template (the text, or the path of a .jinja file) for tokenizers
+            that have none; null uses the tokenizer's own.
+        trust_remote_code: allow code from the model directory to run. Off unless you trust it.
+    """
+
+    path: str | None = None
+    gguf_file: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: str = "sdpa"
+    chat_template: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the LLM (peft). Train them with ``train.trainable: [..., llm.lora]``.
+
+    Attributes:
+        r: adapter rank; 0 means no LoRA.
+        alpha: LoRA scaling numerator (scale = alpha / r).
+        dropout: dropout on the adapter input.
+        target_modules: names of the LLM's linear layers to adapt, or ["all-linear"].
+    """
+
+    r: int = 0
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class ModelConfig:
+    """The LMM: an LLM plus, per modality, an encoder and a connector.
+
+    Attributes:
+        llm: the language model.
+        encoders: per modality (``image``), a registered encoder: ``{name: hf_vision, path: ...}``.
+            Keys of each encoder are listed under "encoder" below.
+        connectors: per modality, a registered connector: ``{name: mlp, depth: 2}``.
+        lora: LoRA adapters on the LLM.
+    """
+
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    encoders: dict[str, dict[str, Any]] = registry_field("encoders", many=True, default_factory=dict)
+    connectors: dict[str, dict[str, Any]] = registry_field("connectors", many=True, default_factory=dict)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataSourceConfig:
+    """One dataset.
+
+    Attributes:
+        path: a .json / .jsonl file (LLaVA ``conversations`` or ``messages`` records), or webdataset
+            shards: a .tar file, a brace pattern (``shards/sft-{000000..000009}.tar``) or a folder of .tar.
+        image_root: folder that relative image paths in a JSON file are read from (LLaVA's
+            ``--image_folder``); null means the JSON file's own folder.
+        max_samples: use at most this many samples (the first ones); 0 means all.
+    """
+
+    path: str = ""
+    image_root: str | None = None
+    max_samples: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Training and evaluation data.
+
+    Attributes:
+        train: the training set.
+        eval: the held-out set for evaluation loss and generation accuracy; null skips evaluation.
+        max_length: longest token sequence, media tokens included. Longer samples lose text from the
+            end, never media tokens; a sample whose media alone do not fit is dropped and counted.
+        num_workers: DataLoader worker processes that decode media and tokenize.
+        max_bad_fraction: stop the run when more than this fraction of samples so far was skipped
+            (corrupt media, too long, no answer tokens); judged once 50 samples have been seen.
+    """
+
+    train: DataSourceConfig = field(default_factory=DataSourceConfig)
+    eval: DataSourceConfig | None = None
+    max_length: int = 2048
+    num_workers: int = 2
+    max_bad_fraction: float = 0.01
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop shared by all stages.
+
+    Attributes:
+        trainable: parts that train: ``connectors``, ``encoders``, ``llm`` (all LLM weights),
+            ``llm.lora`` (adapters only), or one modality (``connectors.image``, ``encoders.image``).
+            Null takes the stage's default (align: connectors; sft: connectors and llm, or llm.lora
+            when ``model.lora.r`` > 0).
+        lr: peak learning rate.
+        part_lr: per-part learning rates overriding ``lr``, by the names of ``trainable``
+            (``{connectors: 1e-3, llm: 2e-5}``; LLaVA's ``mm_projector_lr``).
+        weight_decay: AdamW weight decay (not applied to biases and norms).
+        batch_size: samples per device per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        max_steps: optimizer steps; 0 means ``epochs`` passes over the data.
+        epochs: passes over the training data when ``max_steps`` is 0.
+        warmup_ratio: fraction of the steps with linear warmup.
+        schedule: learning-rate schedule after warmup.
+        max_grad_norm: gradient clipping norm; 0 disables clipping.
+        precision: fp32, or bf16 / fp16 mixed precision (autocast with fp32 master weights).
+        gradient_checkpointing: recompute LLM activations in the backward pass to save memory.
+        log_every: steps between metric lines in ``metrics.jsonl``.
+        save_every: steps between checkpoints under ``checkpoints/step-N``; 0 saves only ``final/``.
+        keep_checkpoints: newest step checkpoints kept; older ones are deleted.
+        eval_every: steps between evaluations; 0 evaluates only at the end.
+    """
+
+    trainable: list[str] | None = None
+    lr: float = 1e-4
+    part_lr: dict[str, float] = field(default_factory=dict)
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 0
+    epochs: float = 1.0
+    warmup_ratio: float = 0.03
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = 1.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    log_every: int = 10
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on ``data.eval``.
+
+    Attributes:
+        max_samples: evaluate on at most this many held-out samples.
+        batch_size: samples per evaluation batch.
+        max_new_tokens: generation budget per answer.
+        accuracy: also generate answers and report exact-match accuracy against the last assistant
+            turn (lower-cased, trailing punctuation ignored), per ``task`` when samples carry one.
+    """
+
+    max_samples: int = 300
+    batch_size: int = 32
+    max_new_tokens: int = 8
+    accuracy: bool = True
+
+
+@dataclass
+class RunConfig:
+    """A training run: one stage on one model and dataset.
+
+    Attributes:
+        stage: the registered stage to run (``align`` or ``sft``), with its options:
+            ``stage: sft`` or ``stage: {name: align, ...}``.
+        out: the run directory (config.yaml, metrics.jsonl, checkpoints/, final/).
+        from_: start from an earlier run directory (its ``final/``) or a saved model directory; the
+            ``model`` section then only adds to it (``lora``). Written ``from:`` in YAML.
+        seed: seed for weights, data order and dropout.
+        model: the LMM to build when not starting ``from:`` a run.
+        data: the datasets.
+        train: the optimisation loop.
+        eval: evaluation.
+    """
+
+    stage: dict[str, Any] = registry_field("stages")
+    out: str = ""
+    from_: str | None = None
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,115 @@
+"""DataLoaders for a run: reading a source, sharding batches across processes, resuming mid-epoch.
+
+Map-style (JSON) data uses ``EpochBatchSampler``: a seeded permutation per epoch, cut into global
+batches of ``batch_size x world_size``; process ``r`` takes slice ``r`` of each. A 2 x 4 run therefore
+sees exactly the samples of a 1 x 8 run, and resuming at batch ``k`` skips ``k`` batches without
+loading them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from mmpost.config.schema import DataConfig, DataSourceConfig
+from mmpost.data.chat import ChatEncoder
+from mmpost.data.dataset import Collator, ListDataset, SampleProcessor, ShardDataset
+from mmpost.data.sample import Sample
+from mmpost.model.lmm import LMM
+
+
+def is_json_source(path: str) -> bool:
+    return Path(path).suffix in (".json", ".jsonl")
+
+
+def read_source(cfg: DataSourceConfig, what: str) -> list[Sample] | None:
+    """Samples of a JSON / JSONL source (validated up front), or None for webdataset shards."""
+    from mmpost.data.sources import read_records
+
+    if not cfg.path:
+        raise FileNotFoundError(f"{what}.path is empty: name a .json / .jsonl file or webdataset shards")
+    if not is_json_source(cfg.path):
+        return None
+    samples = read_records(cfg.path, image_root=cfg.image_root)
+    return samples[: cfg.max_samples] if cfg.max_samples > 0 else samples
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """This process's batches of one epoch, from a per-epoch seeded permutation.
+
+    Args:
+        num_samples: dataset size.
+        batch_size: samples per process per batch.
+        rank, world: this process and the number of processes.
+        seed: base seed; epoch ``e`` uses ``seed + e``.
+        shuffle: permute (training) or keep order (evaluation).
+        drop_last: drop the last incomplete global batch (training), or give every process its rest.
+    """
+
+    def __init__(
+        self, num_samples: int, batch_size: int, rank: int, world: int, seed: int, shuffle: bool, drop_last: bool
+    ) -> None:
+        self.n, self.batch_size, self.rank, self.world = num_samples, batch_size, rank, world
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.epoch, self.start_batch = 0, 0
+
+    def set_position(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def batches_per_epoch(self) -> int:
+        per_step = self.batch_size * self.world
+        return self.n // per_step if self.drop_last else math.ceil(self.n / per_step)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch() - self.start_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.n))
+        per_step = self.batch_size * self.world
+        for g in range(self.start_batch, self.batches_per_epoch()):
+            chunk = order[g * per_step : (g + 1) * per_step]
+            mine = chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            if mine:
+                yield mine
+
+
+def make_processor(model: LMM, data: DataConfig, mode: str) -> SampleProcessor:
+    chat = ChatEncoder(model.tokenizer, model.placeholder_ids, data.max_length)
+    processors = {m: e.preprocessor() for m, e in model.encoders.items()}
+    return SampleProcessor(chat, processors, model.media_tokens, mode=mode)
+
+
+def make_loader(
+    samples: list[Sample] | None,
+    source: DataSourceConfig,
+    model: LMM,
+    data: DataConfig,
+    batch_size: int,
+    mode: str,
+    rank: int,
+    world: int,
+    seed: int,
+    shuffle: bool,
+) -> tuple[DataLoader, EpochBatchSampler | None]:
+    """A DataLoader over ``samples`` (map-style) or over ``source``'s shards when ``samples`` is None."""
+    process = make_processor(model, data, mode)
+    processors = {m: e.preprocessor() for m, e in model.encoders.items()}
+    collate = Collator(model.tokenizer.pad_token_id, processors, "left" if mode == "generate" else "right")
+    workers = dict(num_workers=data.num_workers, persistent_workers=False)
+    if data.num_workers > 0:
+        workers["multiprocessing_context"] = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
+    if samples is not None:
+        sampler = EpochBatchSampler(len(samples), batch_size, rank, world, seed, shuffle, drop_last=shuffle)
+        loader = DataLoader(ListDataset(samples, process), batch_sampler=sampler, collate_fn=collate, **workers)
+        return loader, sampler
+    from mmpost.data.sources import iter_shards
+
+    dataset = ShardDataset(lambda: iter_shards(source.path), process)
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate, **workers), None

@@ -1,0 +1,114 @@
+"""Export to transformers' ``LlavaForConditionalGeneration`` layout, which transformers, vLLM and
+SGLang load with their own classes.
+
+The layout fits models whose only modality is ``image``, encoded by a transformers CLIP / SigLIP
+tower (``hf_vision``) and connected by a projection: ``mlp`` with depth 2 maps one to one onto
+LLaVA's ``multi_modal_projector`` (linear_1, GELU, linear_2); ``linear`` (or ``mlp`` depth 1)
+becomes linear_1 followed by an identity activation and an identity linear_2, which computes the
+same function. LoRA adapters are merged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mmpost.model.io import base_llm_state_dict
+from mmpost.model.lmm import LMM
+
+
+class ExportError(ValueError):
+    """A model whose parts the requested export format cannot express."""
+
+
+def check_llava_compatible(model: LMM) -> None:
+    """Raises ExportError naming the part that LLaVA's layout cannot hold."""
+    from connectors.projection import MLPConnector
+    from encoders.hf_vision import HFVisionEncoder
+
+    if model.modalities != ["image"]:
+        raise ExportError(f"--format hf holds exactly one image modality; this model has {model.modalities}")
+    encoder, connector = model.encoders["image"], model.connectors["image"]
+    if not isinstance(encoder, HFVisionEncoder):
+        raise ExportError(
+            f"--format hf needs a transformers CLIP / SigLIP tower (hf_vision); the image encoder is "
+            f"{type(encoder).__name__}. Use --format mmpost"
+        )
+    if not isinstance(connector, MLPConnector) or connector.depth > 2:
+        depth = f" of depth {connector.depth}" if isinstance(connector, MLPConnector) else ""
+        raise ExportError(
+            f"--format hf needs a linear or 2-layer mlp connector (LLaVA's projector); the image connector is "
+            f"{type(connector).__name__}{depth}. Use --format mmpost"
+        )
+
+
+def llava_state_dict(model: LMM) -> dict[str, torch.Tensor]:
+    """mmpost weights under ``LlavaForConditionalGeneration``'s parameter names (LoRA merged)."""
+    encoder, connector = model.encoders["image"], model.connectors["image"]
+    state: dict[str, torch.Tensor] = {}
+    for key, value in encoder.model.state_dict().items():
+        state[f"model.vision_tower.{key}"] = value
+    layers = connector.layers
+    state["model.multi_modal_projector.linear_1.weight"] = layers[0].weight
+    if connector.bias:
+        state["model.multi_modal_projector.linear_1.bias"] = layers[0].bias
+    if connector.depth == 2:
+        state["model.multi_modal_projector.linear_2.weight"] = layers[2].weight
+        if connector.bias:
+            state["model.multi_modal_projector.linear_2.bias"] = layers[2].bias
+    else:  # identity second layer: LLaVA's projector always has two
+        width = model.hidden_size
+        state["model.multi_modal_projector.linear_2.weight"] = torch.eye(width, dtype=layers[0].weight.dtype)
+        if connector.bias:
+            state["model.multi_modal_projector.linear_2.bias"] = torch.zeros(width, dtype=layers[0].weight.dtype)
+    decoder_prefix = model.base_llm.base_model_prefix  # "model" for Llama / Qwen2
+    for key, value in base_llm_state_dict(model, merge_lora=True).items():
+        if key.startswith(decoder_prefix + "."):
+            state["model.language_model." + key[len(decoder_prefix) + 1 :]] = value
+        else:
+            state[key] = value  # lm_head.*
+    return state
+
+
+def export_llava(model: LMM, out: Path) -> Path:
+    """Writes ``out`` as a ``LlavaForConditionalGeneration`` directory with its ``LlavaProcessor``."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    check_llava_compatible(model)
+    encoder, connector = model.encoders["image"], model.connectors["image"]
+    llm_config = model.base_llm.config
+    config = LlavaConfig(
+        vision_config=encoder.model.config.to_dict(),
+        text_config=llm_config.to_dict(),
+        image_token_id=model.placeholder_ids["image"],
+        projector_hidden_act="gelu" if connector.depth == 2 else "linear",
+        vision_feature_layer=encoder.feature_layer,
+        vision_feature_select_strategy="default" if encoder.drop_cls else "full",
+        multimodal_projector_bias=connector.bias,
+        tie_word_embeddings=bool(getattr(llm_config, "tie_word_embeddings", False)),
+    )
+    with torch.device("meta"):
+        hf = LlavaForConditionalGeneration(config)
+    state = {k: v.detach().clone() for k, v in llava_state_dict(model).items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ExportError(f"weights do not map onto LLaVA's layout: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        hf.tie_weights()
+    hf.generation_config = model.base_llm.generation_config
+    hf.save_pretrained(out)
+    processor = LlavaProcessor(
+        image_processor=encoder.image_processor(),
+        tokenizer=model.tokenizer,
+        patch_size=encoder.model.config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        chat_template=model.tokenizer.chat_template,
+        image_token="<image>",
+        num_additional_image_tokens=1 if encoder.model_type == "clip" else 0,
+    )
+    processor.save_pretrained(out)
+    return out

@@ -1,0 +1,63 @@
+"""Answering a prompt about media with a saved model (``mmpost generate``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from mmpost.data.chat import ChatEncoder, Skipped
+from mmpost.data.dataset import Collator, SampleProcessor
+from mmpost.data.sample import PLACEHOLDERS, Sample
+from mmpost.model.io import load_lmm, resolve_model_dir
+from mmpost.model.lmm import LMM
+
+
+def answer(
+    model: LMM | str | Path,
+    prompt: str,
+    images: Sequence[str | Path] = (),
+    max_new_tokens: int = 64,
+    **generate_kwargs,
+) -> str:
+    """Greedy (by default) answer of ``model`` to one user turn with ``images``.
+
+    The prompt gets one ``<image>`` per image in front of it unless it already places them.
+
+    Raises:
+        FileNotFoundError: for a missing model directory or image.
+        ValueError: when the prompt's placeholders do not match the images, or an image cannot be read.
+    """
+    if not isinstance(model, LMM):
+        model = load_lmm(resolve_model_dir(model))
+    token = PLACEHOLDERS["image"]
+    for image in images:
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"--image {image}: no such file")
+    if token not in prompt:
+        prompt = token * len(images) + ("\n" if images else "") + prompt
+    sample = Sample(
+        id="prompt",
+        messages=[{"role": "user", "content": prompt}],
+        media={"image": [Path(p) for p in images]} if images else {},
+        source="the command line",
+    )
+    sample.check_placeholders()
+    processors = {m: e.preprocessor() for m, e in model.encoders.items()}
+    chat = ChatEncoder(model.tokenizer, model.placeholder_ids, max_length=1 << 30)
+    item = SampleProcessor(chat, processors, model.media_tokens, mode="prompt")(sample)
+    if isinstance(item, Skipped):
+        raise ValueError(f"{item.where}: {item.reason}")
+    batch = Collator(model.tokenizer.pad_token_id, processors, padding_side="left")([item])
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        new = model.generate(
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            {m: t.to(device) for m, t in batch["media"].items()},
+            max_new_tokens=max_new_tokens,
+            **generate_kwargs,
+        )
+    return model.tokenizer.decode(new[0], skip_special_tokens=True).strip()

@@ -1,0 +1,106 @@
+"""Loading the LLM and its tokenizer, adding media placeholder tokens, and LoRA through peft."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from mmpost.config.schema import LLMConfig, LoraConfig
+from mmpost.weights import PKG_PREFIX, resolve_path
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _locate(path: str) -> str:
+    """A local folder, a ``pkg:`` folder, or a hub id passed through unchanged."""
+    if path.startswith(PKG_PREFIX) or Path(path).expanduser().exists():
+        return str(resolve_path(path))
+    if path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model.llm.path: {path} does not exist")
+    return path  # a hub id; transformers reports it if it cannot be found offline
+
+
+def load_llm(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Loads the causal LM and tokenizer named by ``cfg`` through transformers' ``from_pretrained``.
+
+    Raises:
+        ValueError: if ``cfg.path`` is empty.
+        FileNotFoundError: if a local path does not exist.
+    """
+    if not cfg.path:
+        raise ValueError("model.llm.path is empty: name a transformers model directory or hub id")
+    where = _locate(cfg.path)
+    extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=cfg.trust_remote_code, **extra)
+    model = AutoModelForCausalLM.from_pretrained(
+        where,
+        dtype=DTYPES[cfg.dtype],
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+        **extra,
+    )
+    if cfg.chat_template:
+        template = cfg.chat_template
+        if template.endswith(".jinja") and Path(template).is_file():
+            template = Path(template).read_text()
+        tokenizer.chat_template = template
+    return model, tokenizer
+
+
+def prepare_tokenizer(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, placeholders: list[str]
+) -> dict[str, int]:
+    """Adds each placeholder as one special token, gives the tokenizer a pad token, resizes embeddings.
+
+    The placeholder rows of the embedding matrix are never read (media features replace them), so
+    their initial values do not matter; they exist so that the ids are valid and so that an export
+    to transformers' LLaVA layout, which embeds ``input_ids`` before splicing, works unchanged.
+
+    Returns:
+        ``{placeholder: token_id}``.
+    """
+    new = [p for p in placeholders if p not in tokenizer.get_vocab()]
+    if new:
+        tokenizer.add_tokens(new, special_tokens=True)
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and labels, so any id works; eos is what
+        # most chat models already use.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    ids = {}
+    for p in placeholders:
+        encoded = tokenizer.encode(p, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise ValueError(f"placeholder {p!r} tokenizes to {encoded}, expected one special token")
+        ids[p] = encoded[0]
+    return ids
+
+
+def add_lora(model: PreTrainedModel, cfg: LoraConfig):
+    """Wraps ``model`` in peft LoRA adapters (trainable) and returns the PeftModel."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets: list[str] | str = cfg.target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def base_causal_lm(llm: torch.nn.Module) -> PreTrainedModel:
+    """The transformers CausalLM inside ``llm`` (itself, or the model a peft wrapper adapts)."""
+    get_base = getattr(llm, "get_base_model", None)
+    return get_base() if callable(get_base) else llm
+
+
+def has_lora(llm: torch.nn.Module) -> bool:
+    return base_causal_lm(llm) is not llm

@@ -1,0 +1,11 @@
+"""Stages: one file each, with its options, its loss and what it needs from a batch.
+
+To add one, write a module here with a class whose constructor takes the stage's options and add
+one line below.
+"""
+
+from mmpost.registry import Registry
+
+STAGES = Registry("stage")
+STAGES.add("align", "mmpost.stages.align:Align")
+STAGES.add("sft", "mmpost.stages.sft:SFT")

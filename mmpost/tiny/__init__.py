@@ -1,0 +1,1 @@
+"""Tiny models built from configs, for tests and the offline demo."""

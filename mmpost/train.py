@@ -1,0 +1,240 @@
+"""The training loop every stage shares: fetch an optimizer step's micro-batches, normalise the summed
+loss by the label tokens of the whole step (across accumulation and processes), backward, clip,
+step; log, evaluate, checkpoint.
+
+A stage supplies a ``loss_fn(model, batch) -> LossOutput`` (summed loss and token count) and the
+parts to train; everything else is here and in ``mmpost.training``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mmpost.config import to_dict
+from mmpost.data.loader import EpochBatchSampler, make_loader, read_source
+from mmpost.data.sample import DataError
+from mmpost.model.lmm import LMM, LossOutput
+from mmpost.training.checkpoint import load_trainer_state, save_checkpoint, set_rng_state
+from mmpost.training.evaluate import eval_accuracy, eval_loss, to_device
+from mmpost.training.metrics import MetricsLog
+from mmpost.training.parts import apply_trainable, make_optimizer, set_train_mode
+from mmpost.training.run import RunContext
+
+log = logging.getLogger("mmpost")
+
+LossFn = Callable[[torch.nn.Module, dict[str, Any]], LossOutput]
+MIN_SAMPLES_FOR_BAD_FRACTION = 50
+
+
+def conversation_loss(model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
+    """Summed next-token cross-entropy on the assistant tokens of a batch of conversations."""
+    return model(batch["input_ids"], batch["attention_mask"], batch["media"], labels=batch["labels"])
+
+
+def micro_batches(loader, sampler: EpochBatchSampler | None, state: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """Batches forever, epoch after epoch, from the position in ``state`` (epoch, batch), updating it."""
+    while True:
+        if sampler is not None:
+            sampler.set_position(state["epoch"], state["batch"])
+            batches = iter(loader)
+        else:  # shards have no random access: skip what was consumed before a resume
+            batches = iter(loader)
+            for _ in range(state["batch"]):
+                next(batches, None)
+        produced = False
+        for batch in batches:
+            produced = True
+            state["batch"] += 1
+            yield batch
+        if not produced:
+            raise DataError("the training data gave no batch: it is empty or smaller than one global batch")
+        state["epoch"] += 1
+        state["batch"] = 0
+
+
+class Evaluator:
+    """Held-out loss and generation accuracy on ``data.eval``, sharded across processes."""
+
+    def __init__(self, ctx: RunContext, model: LMM) -> None:
+        cfg, acc = ctx.cfg, ctx.accelerator
+        self.ctx = ctx
+        self.enabled = cfg.data.eval is not None
+        if not self.enabled:
+            return
+        samples = read_source(cfg.data.eval, "data.eval")
+        if samples is None:
+            raise DataError("data.eval must be a .json / .jsonl file (held-out sets are read whole)")
+        samples = samples[: cfg.eval.max_samples]
+        self.tasks = sorted({str(s.meta.get("task", "")) for s in samples} - {""})
+        common = dict(
+            samples=samples, source=cfg.data.eval, model=model, data=cfg.data, batch_size=cfg.eval.batch_size,
+            rank=acc.process_index, world=acc.num_processes, seed=cfg.seed, shuffle=False,
+        )  # fmt: skip
+        self.loss_loader, _ = make_loader(mode="train", **common)
+        self.gen_loader, _ = make_loader(mode="generate", **common)
+
+    def __call__(self, model: LMM, step: int) -> dict[str, Any]:
+        if not self.enabled:
+            return {}
+        cfg, acc = self.ctx.cfg, self.ctx.accelerator
+        model.eval()
+        record: dict[str, Any] = {"step": step, "eval/loss": eval_loss(model, self.loss_loader, acc)}
+        if cfg.eval.accuracy:
+            accuracy, examples = eval_accuracy(model, self.gen_loader, acc, cfg.eval.max_new_tokens, self.tasks)
+            record |= accuracy
+            log.info("step %d examples: %s", step, examples)
+        set_train_mode(model)
+        return record
+
+
+def fit(ctx: RunContext, model: LMM, parts: Sequence[str], loss_fn: LossFn = conversation_loss) -> dict[str, Any]:
+    """Trains ``parts`` of ``model`` on ``data.train``; writes metrics, checkpoints and ``final/``.
+
+    Returns:
+        the run summary (also written to ``RUN/summary.json``): first and last evaluation, steps, time.
+    """
+    cfg, acc, t = ctx.cfg, ctx.accelerator, ctx.cfg.train
+    table = apply_trainable(model, parts)
+    if acc.is_main_process:
+        log.info("trainable parameters (%s):\n%s", ", ".join(parts), table)
+    train_samples = read_source(cfg.data.train, "data.train")
+    loader, sampler = make_loader(
+        train_samples, cfg.data.train, model, cfg.data, t.batch_size, "train",
+        acc.process_index, acc.num_processes, cfg.seed, shuffle=True,
+    )  # fmt: skip
+    if sampler is None and t.max_steps == 0:
+        raise DataError("webdataset shards have no known length: set train.max_steps")
+    if sampler is not None and sampler.batches_per_epoch() < t.grad_accum:
+        raise DataError(
+            f"data.train has {len(train_samples)} samples, fewer than one optimizer step "
+            f"({t.batch_size} x {acc.num_processes} processes x {t.grad_accum} accumulation)"
+        )
+    total = t.max_steps or max(1, math.ceil(t.epochs * sampler.batches_per_epoch() / t.grad_accum))
+    evaluate = Evaluator(ctx, model)
+    if t.gradient_checkpointing:
+        model.base_llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer, scheduler = make_optimizer(model, t, parts, total)
+    set_train_mode(model)
+    wrapped, optimizer = acc.prepare(model, optimizer)
+    metrics = MetricsLog(ctx.run_dir, enabled=acc.is_main_process)
+    state = {"step": 0, "epoch": 0, "batch": 0, "seen": 0, "skipped": 0}
+    evals: list[dict[str, Any]] = []
+    if ctx.checkpoint is not None:
+        trainer, rng = load_trainer_state(ctx.checkpoint, acc.process_index)
+        optimizer.load_state_dict(trainer["optimizer"])
+        scheduler.load_state_dict(trainer["scheduler"])
+        state |= trainer["loop"]["state"]
+        evals = trainer["loop"]["evals"]
+        metrics.truncate_after(state["step"])
+        set_rng_state(rng)
+    elif evaluate.enabled:
+        evals.append(evaluate(model, 0))
+        metrics.write(evals[-1])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    batches = micro_batches(loader, sampler, state)
+    bar = tqdm(total=total, initial=state["step"], desc=cfg.stage["name"], disable=not acc.is_main_process)
+    started, window = time.perf_counter(), {"tokens": 0, "samples": 0, "time": time.perf_counter()}
+    while state["step"] < total:
+        micro = [next(batches) for _ in range(t.grad_accum)]
+        counts = torch.tensor(
+            [sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), sum(b["num_samples"] for b in micro),
+             sum(len(b["skipped"]) for b in micro)],
+            dtype=torch.float64, device=acc.device,
+        )  # fmt: skip
+        n_tokens, n_seen, n_skipped = acc.reduce(counts, reduction="sum").tolist()
+        state["seen"] += int(n_seen)
+        state["skipped"] += int(n_skipped)
+        check_bad_fraction(state, cfg.data.max_bad_fraction, [r for b in micro for r in b["skipped"]])
+        loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+        for i, batch in enumerate(micro):
+            sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(wrapped)
+            with sync:
+                if batch["ids"]:
+                    out = loss_fn(wrapped, to_device(batch, acc.device))
+                    # DDP averages gradients over processes; scaling by their number makes the
+                    # result the gradient of (summed loss / tokens of the whole step).
+                    loss = out.loss_sum * acc.num_processes / max(n_tokens, 1.0)
+                    loss_sum += out.loss_sum.detach().double()
+                else:  # every sample was skipped: a zero loss keeps the processes' backward passes in step
+                    loss = sum(p.sum() * 0.0 for p in trainable)
+                acc.backward(loss)
+            window["tokens"] += int(batch["attention_mask"].sum())
+            window["samples"] += len(batch["ids"])
+        grad_norm = acc.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        step = state["step"]
+        loss_value = float(acc.reduce(loss_sum, reduction="sum")) / max(n_tokens, 1.0)
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(
+                f"loss is {loss_value} at step {step}: lower train.lr, check the data, or use train.precision=fp32"
+            )
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if step % t.log_every == 0 or step == total:
+            elapsed = time.perf_counter() - window["time"]
+            metrics.write({
+                "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "epoch": state["epoch"],
+                "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": int(n_tokens),
+                "tokens_per_s": window["tokens"] * acc.num_processes / elapsed,
+                "samples_per_s": window["samples"] * acc.num_processes / elapsed,
+                "data/skipped": state["skipped"],
+            })  # fmt: skip
+            window = {"tokens": 0, "samples": 0, "time": time.perf_counter()}
+        if evaluate.enabled and ((t.eval_every and step % t.eval_every == 0) or step == total):
+            evals.append(evaluate(model, step) | {"data/skipped": state["skipped"]})
+            metrics.write(evals[-1])
+        if t.save_every and step % t.save_every == 0 and step < total:
+            loop = {"state": dict(state), "evals": evals}
+            save_checkpoint(ctx.run_dir, step, model, optimizer, scheduler, loop, cfg, acc, t.keep_checkpoints)
+    bar.close()
+    return finish(ctx, model, state, evals, time.perf_counter() - started, metrics)
+
+
+def check_bad_fraction(state: dict[str, int], limit: float, reasons: list[str]) -> None:
+    for reason in reasons:
+        log.warning("skipped %s", reason)
+    seen, skipped = state["seen"], state["skipped"]
+    if seen >= MIN_SAMPLES_FOR_BAD_FRACTION and skipped > limit * seen:
+        example = f" (latest: {reasons[-1]})" if reasons else ""
+        raise DataError(
+            f"{skipped} of {seen} samples skipped so far, more than data.max_bad_fraction={limit}{example}; "
+            "fix the data or raise data.max_bad_fraction; train.log lists every skipped sample"
+        )
+
+
+def finish(
+    ctx: RunContext, model: LMM, state: dict[str, int], evals: list[dict[str, Any]], seconds: float, metrics
+) -> dict[str, Any]:
+    """Saves ``final/`` and ``summary.json``."""
+    acc = ctx.accelerator
+    summary = {
+        "stage": ctx.cfg.stage["name"],
+        "steps": state["step"],
+        "seconds": round(seconds, 1),
+        "samples_seen": state["seen"],
+        "samples_skipped": state["skipped"],
+        "eval_before": evals[0] if evals else None,
+        "eval_after": evals[-1] if len(evals) > 1 else None,
+        "final": str(ctx.run_dir / "final"),
+        "config": to_dict(ctx.cfg),
+    }
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        model.save(ctx.run_dir / "final")
+        (Path(ctx.run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    metrics.close()
+    acc.wait_for_everyone()
+    return summary

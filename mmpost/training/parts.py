@@ -1,0 +1,110 @@
+"""What trains: freezing by part name, a table of trainable parameters, and per-part optimizer groups."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from transformers import get_scheduler
+
+from mmpost.config.schema import TrainConfig
+from mmpost.model.lmm import LMM
+
+
+class PartError(ValueError):
+    """A ``train.trainable`` or ``train.part_lr`` entry that names no part of the model."""
+
+
+def valid_parts(model: LMM) -> list[str]:
+    names = ["connectors", "encoders", "llm", "llm.lora"]
+    for modality in model.modalities:
+        names += [f"connectors.{modality}", f"encoders.{modality}"]
+    return names
+
+
+def part_params(model: LMM, part: str) -> Iterator[tuple[str, nn.Parameter]]:
+    """Parameters of a named part (``connectors``, ``encoders.image``, ``llm``, ``llm.lora``)."""
+    if part not in valid_parts(model):
+        raise PartError(f"train.trainable: unknown part {part!r}; valid: {', '.join(valid_parts(model))}")
+    head, _, modality = part.partition(".")
+    if head in ("connectors", "encoders"):
+        modules = getattr(model, head)
+        for m in [modality] if modality else list(modules):
+            for name, p in modules[m].named_parameters():
+                yield f"{head}.{m}.{name}", p
+    elif part == "llm.lora":
+        if not model.has_lora:
+            raise PartError("train.trainable names llm.lora but the model has no LoRA adapters (model.lora.r is 0)")
+        for name, p in model.llm.named_parameters():
+            if "lora_" in name:
+                yield f"llm.{name}", p
+    else:
+        for name, p in model.llm.named_parameters():
+            yield f"llm.{name}", p
+
+
+def apply_trainable(model: LMM, parts: Sequence[str]) -> str:
+    """Freezes everything, then unfreezes ``parts``; returns a table of trainable / frozen counts.
+
+    Frozen encoders are put in eval mode (batch-norm statistics stay as pretrained) and run without
+    autograd.
+    """
+    if "llm" in parts and model.has_lora:
+        raise PartError("with LoRA, train the adapters with 'llm.lora'; 'llm' would also train every base weight")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for part in parts:
+        for _, p in part_params(model, part):
+            p.requires_grad_(True)
+    rows = []
+    for head in ("encoders", "connectors"):
+        for modality, module in getattr(model, head).items():
+            rows.append((f"{head}.{modality}", module))
+    rows.append(("llm", model.llm))
+    lines = [f"{'part':<22}{'trainable':>14}{'frozen':>14}"]
+    for name, module in rows:
+        n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        n_frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+        lines.append(f"{name:<22}{n_train:>14,}{n_frozen:>14,}")
+    return "\n".join(lines)
+
+
+def set_train_mode(model: LMM) -> None:
+    """``model.train()``, except encoders whose weights are all frozen stay in eval mode."""
+    model.train()
+    for encoder in model.encoders.values():
+        if not any(p.requires_grad for p in encoder.parameters()):
+            encoder.eval()
+
+
+def param_groups(model: LMM, train: TrainConfig, parts: Sequence[str]) -> list[dict]:
+    """AdamW groups: per-part learning rates (``train.part_lr``), no weight decay on biases and norms.
+
+    The most specific part wins: ``part_lr: {connectors: 1e-3, connectors.image: 2e-4}`` gives the
+    image connector 2e-4.
+    """
+    for key in train.part_lr:
+        if key not in valid_parts(model):
+            raise PartError(f"train.part_lr: unknown part {key!r}; valid: {', '.join(valid_parts(model))}")
+    lr_of: dict[int, float] = {}
+    for part in sorted(train.part_lr, key=lambda k: k.count(".")):  # general first, specific overrides
+        for _, p in part_params(model, part):
+            lr_of[id(p)] = train.part_lr[part]
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = 0.0 if p.ndim < 2 or "norm" in name.lower() else train.weight_decay
+        groups.setdefault((lr_of.get(id(p), train.lr), decay), []).append(p)
+    if not groups:
+        raise PartError(f"nothing to train: train.trainable {list(parts)} selects no parameters")
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+def make_optimizer(model: LMM, train: TrainConfig, parts: Sequence[str], total_steps: int):
+    optimizer = torch.optim.AdamW(param_groups(model, train, parts), lr=train.lr, betas=(0.9, 0.999))
+    warmup = int(round(train.warmup_ratio * total_steps))
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[train.schedule]
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    return optimizer, scheduler

@@ -1,0 +1,108 @@
+"""Starting a run: the run directory, resume or ``from:``, and building the model the config names."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from mmpost.config import RunConfig, dump_config
+from mmpost.model.io import load_lmm, resolve_model_dir
+from mmpost.model.lmm import LMM
+from mmpost.training.accel import make_accelerator
+from mmpost.training.checkpoint import latest_checkpoint
+
+log = logging.getLogger("mmpost")
+
+
+class RunError(RuntimeError):
+    """A run that cannot start as configured (existing output, missing checkpoint, bad ``from:``)."""
+
+
+@dataclass
+class RunContext:
+    """What every stage's entry point sets up first.
+
+    Attributes:
+        cfg: the resolved config.
+        run_dir: the run directory.
+        accelerator: the run's one accelerator.
+        checkpoint: the checkpoint being resumed, or None for a fresh run.
+    """
+
+    cfg: RunConfig
+    run_dir: Path
+    accelerator: Accelerator
+    checkpoint: Path | None
+
+
+def start_run(cfg: RunConfig, resume: bool) -> RunContext:
+    """Checks the run directory, writes ``config.yaml``, seeds, and creates the accelerator.
+
+    Raises:
+        RunError: for an empty ``out``, a non-empty run directory without ``--resume``, or ``--resume``
+            with no checkpoint to resume from.
+    """
+    if not cfg.out:
+        raise RunError("out is empty: set the run directory (out: runs/my-run or --set out=...)")
+    run_dir = Path(cfg.out)
+    checkpoint = None
+    if resume:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise RunError(
+                f"--resume: no checkpoint under {run_dir / 'checkpoints'}; set train.save_every to save some"
+            )
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise RunError(f"run directory {run_dir} is not empty: pass --resume to continue it, or choose another out")
+    accelerator = make_accelerator(cfg.train)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    accelerator.wait_for_everyone()
+    set_seed(cfg.seed)
+    return RunContext(cfg=cfg, run_dir=run_dir, accelerator=accelerator, checkpoint=checkpoint)
+
+
+def build_model(ctx: RunContext) -> LMM:
+    """The model to train: from the resumed checkpoint, from ``from:``, or built from ``model:``.
+
+    With ``from:``, entries under ``model.encoders`` / ``model.connectors`` replace those parts of
+    the loaded model (swap a tower or a projector between stages) and ``model.lora`` adds adapters.
+    """
+    from connectors import CONNECTORS
+    from encoders import ENCODERS
+    from mmpost.model.llm import add_lora
+
+    cfg = ctx.cfg
+    if ctx.checkpoint is not None:
+        log.info("resuming from %s", ctx.checkpoint)
+        return load_lmm(ctx.checkpoint / "model")
+    encoders = {m: ENCODERS.build(**spec) for m, spec in cfg.model.encoders.items()}
+    connectors = {m: CONNECTORS.build(**spec) for m, spec in cfg.model.connectors.items()}
+    if cfg.from_ is None:
+        if not encoders:
+            raise RunError("model.encoders is empty: name at least one encoder, or start from: an earlier run")
+        return LMM(cfg.model.llm.path or "", encoders, connectors, lora=cfg.model.lora, llm_config=cfg.model.llm)
+    if cfg.model.llm.path:
+        raise RunError("model.llm.path is set together with from:; the LLM comes from the from: run")
+    model = load_lmm(resolve_model_dir(cfg.from_, what="from"))
+    for modality, encoder in encoders.items():
+        if modality in model.encoders:
+            model.set_encoder(modality, encoder)
+        elif modality in connectors:
+            model.add_modality(modality, encoder, connectors.pop(modality))
+        else:
+            raise RunError(f"model.encoders.{modality} is new: give model.connectors.{modality} too")
+    for modality, connector in connectors.items():
+        model.set_connector(modality, connector)
+    if cfg.model.lora.r > 0 and not model.has_lora:
+        model.llm = add_lora(model.llm, cfg.model.lora)
+        model.lora_config = cfg.model.lora
+    return model
