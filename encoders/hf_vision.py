@@ -18,6 +18,7 @@ In transformers 5 the vision models hold their layers directly (``embeddings``, 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,7 +78,8 @@ class HFVisionEncoder(Encoder):
     """A transformers CLIP or SigLIP vision tower, features from one hidden layer.
 
     Args:
-        path: directory written by ``save_pretrained`` holding a ``CLIPVisionModel``,
+        path: directory written by ``save_pretrained`` (or a hub id, fetched once and then read from
+            the cache) holding a ``CLIPVisionModel``,
             ``SiglipVisionModel``, or a full ``CLIPModel`` / ``SiglipModel`` (its vision tower is
             taken); may be a ``pkg:`` path. A ``preprocessor_config.json`` there is used for
             preprocessing. Exactly one of ``path`` and ``config`` is given.
@@ -187,13 +189,37 @@ class HFVisionEncoder(Encoder):
 
 
 def _checkpoint_dir(path: str) -> Path:
-    directory = resolve_path(path)  # FileNotFoundError naming `path` when it is missing
+    if _is_hub_id(path):
+        directory = _hub_snapshot(path)
+    else:
+        directory = resolve_path(path)  # FileNotFoundError naming `path` when it is missing
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(
             f"hf_vision: {path} has no config.json; expected a directory written by save_pretrained "
             "(CLIPVisionModel, SiglipVisionModel, CLIPModel or SiglipModel)"
         )
     return directory
+
+
+def _is_hub_id(path: str) -> bool:
+    """``org/name`` that is not a local path (hub ids are what LLaVA configs name towers by)."""
+    return not Path(path).expanduser().exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The hub checkpoint's folder, from the local cache when it is there (works offline once cached)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.txt"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # not cached: fetch it (fails clearly with no network)
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        except Exception as err:
+            raise FileNotFoundError(
+                f"hf_vision: {repo_id} is not a local folder and could not be fetched from the hub ({err})"
+            ) from None
 
 
 def _family_of(model_type: str | None, source: str) -> str:

@@ -27,7 +27,7 @@ from mmpost.model.lmm import LMM, LossOutput
 from mmpost.training.checkpoint import load_trainer_state, save_checkpoint, set_rng_state
 from mmpost.training.evaluate import eval_accuracy, eval_loss, to_device
 from mmpost.training.metrics import MetricsLog
-from mmpost.training.parts import apply_trainable, make_optimizer, set_train_mode
+from mmpost.training.parts import apply_trainable, make_optimizer, model_flops_per_token, set_train_mode
 from mmpost.training.run import RunContext
 
 log = logging.getLogger("mmpost")
@@ -200,15 +200,20 @@ def fit(ctx: RunContext, model: LMM, parts: Sequence[str], loss_fn: LossFn = con
             loop = {"state": dict(state), "evals": evals}
             save_checkpoint(ctx.run_dir, step, model, optimizer, scheduler, loop, cfg, acc, t.keep_checkpoints)
     bar.close()
+    check_bad_fraction(state, cfg.data.max_bad_fraction, [], final=True)
     return finish(ctx, model, state, evals, time.perf_counter() - started, metrics)
 
 
-def check_bad_fraction(state: dict[str, int], limit: float, reasons: list[str]) -> None:
+def check_bad_fraction(state: dict[str, Any], limit: float, reasons: list[str], final: bool = False) -> None:
+    """Raises DataError when more than ``limit`` of the samples so far were skipped (judged after
+    ``MIN_SAMPLES_FOR_BAD_FRACTION`` samples, and always at the end of the run)."""
     for reason in reasons:
         log.warning("skipped %s", reason)
+    if reasons:
+        state["last_skipped"] = reasons[-1]
     seen, skipped = state["seen"], state["skipped"]
-    if seen >= MIN_SAMPLES_FOR_BAD_FRACTION and skipped > limit * seen:
-        example = f" (latest: {reasons[-1]})" if reasons else ""
+    if (final or seen >= MIN_SAMPLES_FOR_BAD_FRACTION) and skipped > limit * seen:
+        example = f" (latest: {state['last_skipped']})" if "last_skipped" in state else ""
         raise DataError(
             f"{skipped} of {seen} samples skipped so far, more than data.max_bad_fraction={limit}{example}; "
             "fix the data or raise data.max_bad_fraction; train.log lists every skipped sample"
@@ -229,6 +234,7 @@ def finish(
         "eval_before": evals[0] if evals else None,
         "eval_after": evals[-1] if len(evals) > 1 else None,
         "final": str(ctx.run_dir / "final"),
+        "model_flops_per_token": model_flops_per_token(model),
         "config": to_dict(ctx.cfg),
     }
     acc.wait_for_everyone()

@@ -6,6 +6,7 @@ import os
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType
 
 from mmpost.config.schema import TrainConfig
@@ -28,6 +29,10 @@ def make_accelerator(train: TrainConfig) -> Accelerator:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cpu = not torch.cuda.is_available()
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[train.precision]
+    # Several runs may share a Python process (the demo, a notebook): each gets its own precision and
+    # accumulation state instead of inheriting the previous run's, while the process group stays.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed)
     if world > 1 and (accelerator.num_processes != world or accelerator.distributed_type == DistributedType.NO):
         raise LaunchError(

@@ -108,3 +108,17 @@ def make_optimizer(model: LMM, train: TrainConfig, parts: Sequence[str], total_s
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[train.schedule]
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     return optimizer, scheduler
+
+
+def model_flops_per_token(model: LMM) -> float:
+    """Training FLOPs per token, the usual estimate behind model-FLOPs utilisation.
+
+    6 N for parameters that train (forward, activation and weight gradients) and 2 N for frozen
+    LLM weights the backward pass still crosses to reach a trained connector or encoder; embedding
+    lookups and attention's quadratic term are left out. Per LLM token, so encoder FLOPs are
+    approximate when media tokens and encoder tokens differ in number.
+    """
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_frozen_llm = sum(p.numel() for p in model.llm.parameters() if not p.requires_grad)
+    embeddings = model.base_llm.get_input_embeddings().weight.numel()
+    return 6.0 * n_train + 2.0 * max(n_frozen_llm - embeddings, 0)

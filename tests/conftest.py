@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny models and data built locally and loaded through the real loading code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+import mmpost
+from mmpost.data.synth import synthesize
+from mmpost.tiny.llm import make_tiny_llm, make_tiny_tokenizer
+from mmpost.tiny.vision import make_tiny_clip, make_tiny_siglip
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quiet():
+    from mmpost.cli import quiet_libraries
+
+    quiet_libraries()
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, num_train=96, num_heldout=30, image_size=64, shard_size=32, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llm_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("llm")
+    return make_tiny_llm(out, make_tiny_tokenizer(out), hidden_size=64, layers=2, heads=4, kv_heads=2)
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("qwen")
+    return make_tiny_llm(out, make_tiny_tokenizer(out), arch="qwen2", hidden_size=64, layers=2, heads=4, kv_heads=2)
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory) -> Path:
+    return make_tiny_clip(tmp_path_factory.mktemp("clip"), image_size=32, patch_size=8, hidden_size=32)
+
+
+@pytest.fixture(scope="session")
+def siglip_dir(tmp_path_factory) -> Path:
+    return make_tiny_siglip(tmp_path_factory.mktemp("siglip"), image_size=32, patch_size=8, hidden_size=32)
+
+
+@pytest.fixture
+def make_model(llm_dir, clip_dir):
+    """Builds an LMM with a tiny CLIP tower and the given connector."""
+
+    def build(connector: str = "mlp", seed: int = 0, **kwargs) -> mmpost.LMM:
+        torch.manual_seed(seed)
+        return mmpost.LMM(
+            llm=str(llm_dir),
+            encoders={"image": mmpost.encoder("hf_vision", path=str(clip_dir), feature_layer=-2)},
+            connectors={"image": mmpost.connector(connector, **kwargs)},
+        )
+
+    return build
+
+
+@pytest.fixture
+def run_config(tmp_path, synth_dir, llm_dir, clip_dir):
+    """Writes a tiny run config (align on captions by default) and returns its path; kwargs override keys."""
+
+    def write(name: str = "run", **sections: Any) -> Path:
+        cfg: dict[str, Any] = {
+            "stage": "align",
+            "out": str(tmp_path / name),
+            "seed": 0,
+            "model": {
+                "llm": {"path": str(llm_dir)},
+                "encoders": {"image": {"name": "hf_vision", "path": str(clip_dir)}},
+                "connectors": {"image": {"name": "mlp", "depth": 2}},
+            },
+            "data": {
+                "train": {"path": str(synth_dir / "align.json"), "image_root": str(synth_dir / "images")},
+                "eval": {"path": str(synth_dir / "heldout.jsonl"), "image_root": str(synth_dir / "images")},
+                "max_length": 128,
+                "num_workers": 0,
+            },
+            "train": {"lr": 3e-3, "batch_size": 8, "max_steps": 6, "log_every": 1, "warmup_ratio": 0.0},
+            "eval": {"max_samples": 8, "batch_size": 8, "max_new_tokens": 3},
+        }
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+                cfg[key] = {**cfg[key], **value}
+            else:
+                cfg[key] = value
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    return write

@@ -1,0 +1,44 @@
+"""Two CPU processes (torchrun, gloo) train like one process with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from accelerate.utils import DistributedType
+
+import mmpost.training.accel as accel
+from mmpost.config.schema import TrainConfig
+from mmpost.training.metrics import read_metrics
+
+
+def test_two_processes_match_one_with_the_same_global_batch(run_config, tmp_path, synth_dir):
+    sft = {"path": str(synth_dir / "sft.json"), "image_root": str(synth_dir / "images")}
+    common = {"max_steps": 5, "lr": 1e-3, "log_every": 1, "grad_accum": 2}
+    one = run_config("one", stage="sft", data={"train": sft, "eval": None}, train={**common, "batch_size": 4})
+    two = run_config("two", stage="sft", data={"train": sft, "eval": None}, train={**common, "batch_size": 2})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "mmpost", "train", str(one)], check=True, env=env, capture_output=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         "-m", "mmpost", "train", str(two)],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = [r["loss"] for r in read_metrics(tmp_path / "one") if "loss" in r]
+    double = [r["loss"] for r in read_metrics(tmp_path / "two") if "loss" in r]
+    assert len(single) == len(double) == 5
+    for a, b in zip(single, double, strict=True):
+        assert abs(a - b) <= 1e-4 * abs(a), (single, double)
+    assert single[-1] < single[0]
+
+
+def test_refuses_processes_that_would_train_alone(monkeypatch):
+    fake = SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO)
+    monkeypatch.setattr(accel, "Accelerator", lambda **_: fake)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(accel.LaunchError, match="WORLD_SIZE=2 but accelerate runs 1 process"):
+        accel.make_accelerator(TrainConfig())

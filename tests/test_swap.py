@@ -1,0 +1,62 @@
+"""Swapping a connector or the encoder family of a saved model, then training on: the LLM stays as it was."""
+
+from __future__ import annotations
+
+import torch
+import yaml
+from helpers import make_batch
+
+import mmpost
+from mmpost.cli import main
+from mmpost.data.sources import read_records
+from mmpost.tiny.vision import make_tiny_open_clip, make_tiny_timm
+from mmpost.training.metrics import read_metrics
+
+
+def llm_weights(model: mmpost.LMM) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.llm.state_dict().items()}
+
+
+def test_swapped_encoder_family_and_connector_train_with_the_llm_untouched(make_model, run_config, tmp_path):
+    source = make_model("mlp")
+    source.save(tmp_path / "source")
+    before = llm_weights(source)
+    name, kwargs, weights = make_tiny_timm(tmp_path / "timm")
+    cfg = run_config("swapped", train={"max_steps": 6})
+    data = yaml.safe_load(cfg.read_text())
+    data["from"] = str(tmp_path / "source")
+    data["model"] = {
+        "encoders": {"image": {"name": "timm", "model": name, "model_kwargs": kwargs, "weights": str(weights)}},
+        "connectors": {"image": {"name": "linear"}},
+    }
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["train", str(cfg)]) == 0
+    trained = mmpost.load(tmp_path / "swapped" / "final")
+    assert type(trained.encoders["image"]).__name__ == "TimmEncoder"
+    assert type(trained.connectors["image"]).__name__ == "LinearConnector"
+    assert all(torch.equal(v, trained.llm.state_dict()[k]) for k, v in before.items())
+    losses = [r["loss"] for r in read_metrics(tmp_path / "swapped") if "loss" in r]
+    assert losses[-1] < losses[0]
+
+
+def test_python_swap_to_open_clip_then_steps_keep_the_llm(make_model, tmp_path, synth_dir):
+    model = make_model("mlp")
+    before = llm_weights(model)
+    model_cfg, weights = make_tiny_open_clip(tmp_path / "oc")
+    model.set_encoder("image", mmpost.encoder("open_clip", arch="tiny", model_cfg=model_cfg, weights=str(weights)))
+    model.set_connector("image", mmpost.connector("mlp", depth=2))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.connectors.parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.connectors.parameters(), lr=1e-2)
+    batch = make_batch(model, read_records(synth_dir / "align.json", image_root=synth_dir / "images")[:8])
+    losses = []
+    for _ in range(5):
+        out = model(batch["input_ids"], batch["attention_mask"], batch["media"], labels=batch["labels"])
+        (out.loss_sum / out.num_tokens).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(out.loss_sum.detach() / out.num_tokens))
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(v, model.llm.state_dict()[k]) for k, v in before.items())
