@@ -120,6 +120,7 @@ def run_demo(out: Path, force: bool = False, quick: bool = False) -> dict[str, A
     log.info("4/4 export to transformers' LLaVA layout")
     summary["export"] = str(export(out / "runs" / "sft", out / "export", fmt="hf"))
     summary["seconds"] = round(time.perf_counter() - started, 1)
+    summary["example_image"] = str(min((out / "data" / "images" / "heldout").glob("*.png")))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print_table(summary)
     return summary
@@ -134,5 +135,5 @@ def print_table(summary: dict[str, Any]) -> None:
             f"{s['heldout_accuracy']:>8.3f}   {tasks}"
         )
     print(f"\nexported (transformers LLaVA layout, verified): {summary['export']}")
-    print(f"total {summary['seconds']:.0f} s; try: mmpost generate {summary['export'].replace('export', 'runs/sft')} "
-          "--image <png> --prompt 'What shape is it?'")  # fmt: skip
+    print(f"total {summary['seconds']:.0f} s. Try:\n  mmpost generate {summary['stages']['sft']['run']} "
+          f"--image {summary['example_image']} --prompt 'What shape is it?'")  # fmt: skip

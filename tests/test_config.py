@@ -95,9 +95,17 @@ def test_every_key_is_documented():
                 assert not line.rstrip().endswith(":"), f"undocumented argument: {line}"
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_shipped_config_parses(path):
-    if "accelerate" in path.parts:
-        pytest.skip("accelerate launcher configs, not run configs")
+RUN_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
+LAUNCH_CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_run_config_parses(path):
     cfg = load_config(path)
     assert cfg.stage["name"] in ("align", "sft")
+
+
+@pytest.mark.parametrize("path", LAUNCH_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_launch_configs_name_a_distributed_type(path):
+    data = yaml.safe_load(path.read_text())
+    assert data["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED") and data["num_processes"] >= 1

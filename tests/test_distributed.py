@@ -17,7 +17,14 @@ from mmpost.training.metrics import read_metrics
 
 def test_two_processes_match_one_with_the_same_global_batch(run_config, tmp_path, synth_dir):
     sft = {"path": str(synth_dir / "sft.json"), "image_root": str(synth_dir / "images")}
-    common = {"max_steps": 5, "lr": 1e-3, "log_every": 1, "grad_accum": 2}
+    # encoders train too: DDP must then allow their unused layers (past the feature layer)
+    common = {
+        "max_steps": 5,
+        "lr": 1e-3,
+        "log_every": 1,
+        "grad_accum": 2,
+        "trainable": ["connectors", "llm", "encoders"],
+    }
     one = run_config("one", stage="sft", data={"train": sft, "eval": None}, train={**common, "batch_size": 4})
     two = run_config("two", stage="sft", data={"train": sft, "eval": None}, train={**common, "batch_size": 2})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

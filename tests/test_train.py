@@ -63,10 +63,16 @@ def test_sft_starts_from_an_align_run_and_trains_the_llm(run_config, tmp_path, s
     assert frozen_encoder and changed_llm
 
 
-def test_resume_continues_the_same_loss_curve(run_config, tmp_path, monkeypatch):
-    # 96 captions / batch 8 = 12 batches an epoch: the interrupted run resumes at 10 and crosses an epoch.
+@pytest.mark.parametrize("variant", ["align", "sft_lora"])
+def test_resume_continues_the_same_loss_curve(run_config, tmp_path, monkeypatch, synth_dir, variant):
+    # 96 samples / batch 8 = 12 batches an epoch: the interrupted run resumes at 10 and crosses an epoch.
     common = {"max_steps": 16, "save_every": 5, "warmup_ratio": 0.2}
-    assert main(["train", str(run_config("straight", train=common))]) == 0
+    extra = {}
+    if variant == "sft_lora":  # LoRA adapters with dropout: resume restores adapters, optimizer and RNG
+        sft = {"path": str(synth_dir / "sft.json"), "image_root": str(synth_dir / "images")}
+        lora = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
+        extra = {"stage": "sft", "data": {"train": sft}, "model": {"lora": lora}}
+    assert main(["train", str(run_config("straight", train=common, **extra))]) == 0
     original = mmpost.train.save_checkpoint
 
     def crash_after_step_10(*args, **kwargs):
@@ -75,7 +81,7 @@ def test_resume_continues_the_same_loss_curve(run_config, tmp_path, monkeypatch)
             raise KeyboardInterrupt("simulated crash")
         return path
 
-    cfg = run_config("interrupted", train=common)
+    cfg = run_config("interrupted", train=common, **extra)
     monkeypatch.setattr(mmpost.train, "save_checkpoint", crash_after_step_10)
     with pytest.raises(KeyboardInterrupt):
         main(["train", str(cfg)])
@@ -84,6 +90,14 @@ def test_resume_continues_the_same_loss_curve(run_config, tmp_path, monkeypatch)
     straight = [(r["step"], r["loss"], r["lr"]) for r in train_lines(tmp_path / "straight")]
     resumed = [(r["step"], r["loss"], r["lr"]) for r in train_lines(tmp_path / "interrupted")]
     assert resumed == straight  # exactly equal on CPU, step for step
+    if variant == "sft_lora":
+        assert mmpost.load(tmp_path / "interrupted" / "final").has_lora
+
+
+def test_bf16_mixed_precision_trains(run_config, tmp_path):
+    assert main(["train", str(run_config("bf16", train={"precision": "bf16", "max_steps": 4}))]) == 0
+    losses = [r["loss"] for r in train_lines(tmp_path / "bf16")]
+    assert len(losses) == 4 and all(0 < x < 10 for x in losses)
 
 
 def shard_with_corrupt_images(path: Path, synth_dir: Path, n: int, corrupt: set[int]) -> Path:

@@ -102,7 +102,9 @@ def make_loader(
     process = make_processor(model, data, mode)
     processors = {m: e.preprocessor() for m, e in model.encoders.items()}
     collate = Collator(model.tokenizer.pad_token_id, processors, "left" if mode == "generate" else "right")
-    workers = dict(num_workers=data.num_workers, persistent_workers=False)
+    # Its own generator: each new iterator draws a worker base seed, and drawing it from the global RNG
+    # would shift dropout masks after a resume (which creates an iterator mid-epoch).
+    workers = dict(num_workers=data.num_workers, generator=torch.Generator().manual_seed(seed))
     if data.num_workers > 0:
         workers["multiprocessing_context"] = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
     if samples is not None:

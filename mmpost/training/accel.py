@@ -7,7 +7,7 @@ import os
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
 from mmpost.config.schema import TrainConfig
 
@@ -33,7 +33,11 @@ def make_accelerator(train: TrainConfig) -> Accelerator:
     # accumulation state instead of inheriting the previous run's, while the process group stays.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed)
+    # A trained encoder has layers past its feature layer (and post-norms) that get no gradient;
+    # DDP must be told, or it waits for their gradients forever.
+    trains_encoders = any(part.startswith("encoders") for part in train.trainable or [])
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if trains_encoders else []
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=handlers)
     if world > 1 and (accelerator.num_processes != world or accelerator.distributed_type == DistributedType.NO):
         raise LaunchError(
             f"WORLD_SIZE={world} but accelerate runs {accelerator.num_processes} process(es) "
