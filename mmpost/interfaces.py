@@ -19,6 +19,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+# The placeholder token of each modality in message text: one per medium, expanded by the data
+# pipeline to the connector's token count and replaced by media tokens in the LMM.
+PLACEHOLDERS: dict[str, str] = {"image": "<image>"}
+
 
 @dataclass
 class EncoderOutput:

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# The placeholder each modality uses in message text; one per medium, in order of appearance.
-PLACEHOLDERS: dict[str, str] = {"image": "<image>"}
+from mmpost.interfaces import PLACEHOLDERS
+
+__all__ = ["PLACEHOLDERS", "DataError", "Sample"]
 
 
 class DataError(ValueError):

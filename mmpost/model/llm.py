@@ -44,6 +44,12 @@ def load_llm(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         trust_remote_code=cfg.trust_remote_code,
         **extra,
     )
+    if cfg.gguf_file:
+        # transformers dequantizes GGUF weights on load but keeps marking the model as GGUF-quantized,
+        # which forbids save_pretrained; from here on it is a plain float model.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     if cfg.chat_template:
         template = cfg.chat_template
         if template.endswith(".jinja") and Path(template).is_file():

@@ -20,8 +20,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mmpost.config.schema import LLMConfig, LoraConfig
-from mmpost.data.sample import PLACEHOLDERS
-from mmpost.interfaces import Connector, Encoder
+from mmpost.interfaces import PLACEHOLDERS, Connector, Encoder
 from mmpost.losses.ce import cross_entropy_sum
 from mmpost.model.llm import add_lora, base_causal_lm, has_lora, load_llm, prepare_tokenizer
 
