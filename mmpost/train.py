@@ -170,17 +170,18 @@ def fit(ctx: RunContext, model: LMM, parts: Sequence[str], loss_fn: LossFn = con
                 acc.backward(loss)
             window["tokens"] += int(batch["attention_mask"].sum())
             window["samples"] += len(batch["ids"])
+        loss_value = float(acc.reduce(loss_sum, reduction="sum")) / max(n_tokens, 1.0)
+        if not math.isfinite(loss_value):  # before the step, so the weights stay as they were
+            raise FloatingPointError(
+                f"loss is {loss_value} at step {state['step'] + 1}: lower train.lr, check the data or use "
+                f"train.precision=fp32; resume from the last checkpoint under {ctx.run_dir / 'checkpoints'}"
+            )
         grad_norm = acc.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm > 0 else None
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
         step = state["step"]
-        loss_value = float(acc.reduce(loss_sum, reduction="sum")) / max(n_tokens, 1.0)
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(
-                f"loss is {loss_value} at step {step}: lower train.lr, check the data, or use train.precision=fp32"
-            )
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         if step % t.log_every == 0 or step == total:

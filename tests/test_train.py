@@ -139,6 +139,7 @@ def test_sequences_whose_media_do_not_fit_are_dropped_and_counted(run_config, ca
         (["train.trainable=[connector]"], "unknown part 'connector'; valid: connectors"),
         (["train.part_lr={projector: 1e-3}"], "train.part_lr: unknown part 'projector'"),
         (["model.encoders.image.path=/nonexistent/clip"], "/nonexistent/clip"),
+        (["train.lr=1e30", "train.max_grad_norm=0"], "lower train.lr, check the data"),
     ],
 )
 def test_bad_runs_fail_with_a_message_naming_the_problem(run_config, capsys, overrides, message):

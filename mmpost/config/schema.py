@@ -185,7 +185,8 @@ class RunConfig:
             ``stage: sft`` or ``stage: {name: align, ...}``.
         out: the run directory (config.yaml, metrics.jsonl, checkpoints/, final/).
         from_: start from an earlier run directory (its ``final/``) or a saved model directory; the
-            ``model`` section then only adds to it (``lora``). Written ``from:`` in YAML.
+            ``model`` section then only changes it: ``model.encoders`` / ``model.connectors`` entries
+            replace those parts, ``model.lora`` adds adapters. Written ``from:`` in YAML.
         seed: seed for weights, data order and dropout.
         model: the LMM to build when not starting ``from:`` a run.
         data: the datasets.
