@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from mmpost.data.chat import ChatEncoder, Skipped
-from mmpost.data.dataset import Collator, SampleProcessor
+from mmpost.data.chat import Skipped
+from mmpost.data.loader import make_pipeline
 from mmpost.data.sample import PLACEHOLDERS, Sample
 from mmpost.model.io import load_lmm, resolve_model_dir
 from mmpost.model.lmm import LMM
@@ -44,12 +44,11 @@ def answer(
         source="the command line",
     )
     sample.check_placeholders()
-    processors = {m: e.preprocessor() for m, e in model.encoders.items()}
-    chat = ChatEncoder(model.tokenizer, model.placeholder_ids, max_length=1 << 30)
-    item = SampleProcessor(chat, processors, model.media_tokens, mode="prompt")(sample)
+    process, collate = make_pipeline(model, max_length=1 << 30, mode="prompt")
+    item = process(sample)
     if isinstance(item, Skipped):
         raise ValueError(f"{item.where}: {item.reason}")
-    batch = Collator(model.tokenizer.pad_token_id, processors, padding_side="left")([item])
+    batch = collate([item])
     device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():

@@ -80,10 +80,18 @@ class EpochBatchSampler(Sampler[list[int]]):
                 yield mine
 
 
-def make_processor(model: LMM, data: DataConfig, mode: str) -> SampleProcessor:
-    chat = ChatEncoder(model.tokenizer, model.placeholder_ids, data.max_length)
+def make_pipeline(model: LMM, max_length: int, mode: str) -> tuple[SampleProcessor, Collator]:
+    """The per-sample processor and the batch collator for ``model``'s tokenizer and encoders.
+
+    Args:
+        mode: "train", "generate" or "prompt" (see ``SampleProcessor``); prompts are left-padded.
+    """
+    chat = ChatEncoder(model.tokenizer, model.placeholder_ids, max_length)
     processors = {m: e.preprocessor() for m, e in model.encoders.items()}
-    return SampleProcessor(chat, processors, model.media_tokens, mode=mode)
+    side = "right" if mode == "train" else "left"
+    return SampleProcessor(chat, processors, model.media_tokens, mode), Collator(
+        model.tokenizer.pad_token_id, processors, side
+    )
 
 
 def make_loader(
@@ -99,9 +107,7 @@ def make_loader(
     shuffle: bool,
 ) -> tuple[DataLoader, EpochBatchSampler | None]:
     """A DataLoader over ``samples`` (map-style) or over ``source``'s shards when ``samples`` is None."""
-    process = make_processor(model, data, mode)
-    processors = {m: e.preprocessor() for m, e in model.encoders.items()}
-    collate = Collator(model.tokenizer.pad_token_id, processors, "left" if mode == "generate" else "right")
+    process, collate = make_pipeline(model, data.max_length, mode)
     # Its own generator: each new iterator draws a worker base seed, and drawing it from the global RNG
     # would shift dropout masks after a resume (which creates an iterator mid-epoch).
     workers = dict(num_workers=data.num_workers, generator=torch.Generator().manual_seed(seed))

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmpost.data.chat import ChatEncoder
-from mmpost.data.dataset import Collator, SampleProcessor
+from mmpost.data.loader import make_pipeline
 from mmpost.data.sample import PLACEHOLDERS, Sample
 from mmpost.data.synth import draw_scene
 from mmpost.export.hf_llava import ExportError
@@ -20,20 +20,19 @@ PROBE_NEW_TOKENS = 8
 
 
 def probe_batch(model: LMM, image_size: int = 64) -> tuple[dict[str, Any], Any]:
-    """A one-sample prompt batch (with one synthetic image per modality the model reads) and the image."""
+    """A one-sample prompt batch (a synthetic image when the model reads images) and the image."""
     _, image = draw_scene(random.Random(0), image_size)
-    media = {"image": [image]} if "image" in model.modalities else {}
-    prefix = PLACEHOLDERS["image"] + "\n" if media else ""
-    sample = Sample(id="probe", messages=[{"role": "user", "content": prefix + PROBE_PROMPT}])
-    processors = {m: e.preprocessor() for m, e in model.encoders.items()}
-    chat = ChatEncoder(model.tokenizer, model.placeholder_ids, max_length=1 << 30)
-    process = SampleProcessor(chat, processors, model.media_tokens, mode="prompt")
-    # The probe image is in memory, so preprocess it here rather than through a file decoder.
-    tensors = {m: [processors[m](img) for img in imgs] for m, imgs in media.items()}
-    counts = {m: [model.media_tokens(m, tuple(t.shape)) for t in ts] for m, ts in tensors.items()}
-    encoded = process.chat.encode_prompt(sample, counts)
-    item = {"id": sample.id, "encoded": encoded, "media": tensors}
-    return Collator(model.tokenizer.pad_token_id, processors, padding_side="left")([item]), image
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    reads_images = "image" in model.modalities
+    prefix = PLACEHOLDERS["image"] + "\n" if reads_images else ""
+    sample = Sample(
+        id="probe",
+        messages=[{"role": "user", "content": prefix + PROBE_PROMPT}],
+        media={"image": [png.getvalue()]} if reads_images else {},
+    )
+    process, collate = make_pipeline(model, max_length=1 << 30, mode="prompt")
+    return collate([process(sample)]), image
 
 
 def tolerance(logits: torch.Tensor) -> float:
