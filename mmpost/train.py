@@ -46,9 +46,8 @@ def micro_batches(loader, sampler: EpochBatchSampler | None, state: dict[str, in
     while True:
         if sampler is not None:
             sampler.set_position(state["epoch"], state["batch"])
-            batches = iter(loader)
-        else:  # shards have no random access: skip what was consumed before a resume
-            batches = iter(loader)
+        batches = iter(loader)
+        if sampler is None:  # shards have no random access: skip what was consumed before a resume
             for _ in range(state["batch"]):
                 next(batches, None)
         produced = False

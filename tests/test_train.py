@@ -157,23 +157,29 @@ def test_a_non_empty_run_directory_needs_resume(run_config, tmp_path, capsys):
     assert "is not empty: pass --resume" in capsys.readouterr().err
 
 
-def test_missing_image_names_the_sample(run_config, tmp_path, synth_dir, capsys):
+def train_on_edited_captions(run_config, tmp_path, synth_dir, capsys, edit) -> tuple[int, str, dict]:
+    """Trains on the first 10 captions after ``edit(records)`` breaks one; returns (exit code, stderr, records)."""
     records = json.loads((synth_dir / "align.json").read_text())[:10]
-    records[4]["image"] = "train/missing.png"
+    edit(records)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(records))
-    cfg = run_config("missing", data={"train": {"path": str(bad), "image_root": str(synth_dir / "images")}})
-    assert main(["train", str(cfg)]) == 2
-    err = capsys.readouterr().err
+    cfg = run_config("broken", data={"train": {"path": str(bad), "image_root": str(synth_dir / "images")}})
+    return main(["train", str(cfg)]), capsys.readouterr().err, records
+
+
+def test_missing_image_names_the_sample(run_config, tmp_path, synth_dir, capsys):
+    def edit(records):
+        records[4]["image"] = "train/missing.png"
+
+    code, err, records = train_on_edited_captions(run_config, tmp_path, synth_dir, capsys, edit)
+    assert code == 2
     assert records[4]["id"] in err and "missing.png" in err
 
 
 def test_placeholder_mismatch_names_the_sample(run_config, tmp_path, synth_dir, capsys):
-    records = json.loads((synth_dir / "align.json").read_text())[:10]
-    records[2]["conversations"][0]["value"] = "<image>\n<image>\nDescribe."
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps(records))
-    cfg = run_config("mismatch", data={"train": {"path": str(bad), "image_root": str(synth_dir / "images")}})
-    assert main(["train", str(cfg)]) == 2
-    err = capsys.readouterr().err
+    def edit(records):
+        records[2]["conversations"][0]["value"] = "<image>\n<image>\nDescribe."
+
+    code, err, records = train_on_edited_captions(run_config, tmp_path, synth_dir, capsys, edit)
+    assert code == 2
     assert records[2]["id"] in err and "2 <image> placeholder(s)" in err
