@@ -42,6 +42,9 @@ class MLPConnector(Connector):
     def num_tokens(self, num_features: int) -> int:
         return num_features
 
+    def token_mask(self, feature_mask: torch.Tensor | None) -> torch.Tensor | None:
+        return feature_mask  # one token per feature: padded audio frames give padded tokens
+
     def spec(self) -> dict[str, Any]:
         return {"depth": self.depth, "bias": self.bias}
 

@@ -6,7 +6,9 @@ through the registries in ``encoders`` and ``connectors``.
 
 An encoder turns one raw medium into model input in a data worker (``preprocessor()``) and a batch
 of inputs into a feature sequence (``forward``). A token connector maps those features to ``M``
-LLM-width vectors that replace the ``M`` placeholder tokens of that medium in the text.
+LLM-width vectors that replace the ``M`` placeholder tokens of that medium in the text. A fusion
+connector instead keeps one marker token per medium in the text and adds gated cross-attention
+blocks that run before some of the LLM's decoder layers.
 """
 
 from __future__ import annotations
@@ -21,7 +23,31 @@ from torch import nn
 
 # The placeholder token of each modality in message text: one per medium, expanded by the data
 # pipeline to the connector's token count and replaced by media tokens in the LMM.
-PLACEHOLDERS: dict[str, str] = {"image": "<image>"}
+PLACEHOLDERS: dict[str, str] = {"image": "<image>", "audio": "<audio>"}
+
+# What a processor's ``collate`` returns and an encoder's ``forward`` takes: a stacked tensor, or for
+# variable-length media a dict of tensors (e.g. padded values and lengths).
+MediaBatch = torch.Tensor | dict[str, torch.Tensor]
+
+
+def media_count(inputs: MediaBatch) -> int:
+    """Number of media in a collated batch."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.shape[0]
+    return next(iter(inputs.values())).shape[0]
+
+
+@dataclass
+class Audio:
+    """A decoded audio clip, the raw input of audio processors.
+
+    Attributes:
+        waveform: ``[samples]`` mono float32 in [-1, 1].
+        rate: samples per second.
+    """
+
+    waveform: torch.Tensor
+    rate: int
 
 
 @dataclass
@@ -41,13 +67,14 @@ class MediaProcessor:
     """Turns one raw medium into an encoder input; runs in DataLoader workers, so keep it light.
 
     Subclasses implement ``__call__``; ``collate`` stacks a list of processed items into the batch
-    tensor the encoder's ``forward`` takes (override it for variable-length media).
+    the encoder's ``forward`` takes (override it for variable-length media). The shape of one
+    processed item must tell the encoder's ``num_tokens`` how many features it gives.
     """
 
     def __call__(self, raw: Any) -> torch.Tensor:
         raise NotImplementedError
 
-    def collate(self, items: Sequence[torch.Tensor]) -> torch.Tensor:
+    def collate(self, items: Sequence[torch.Tensor]) -> MediaBatch:
         return torch.stack(list(items))
 
 
@@ -64,14 +91,14 @@ class Encoder(nn.Module, ABC):
 
     @abstractmethod
     def preprocessor(self) -> MediaProcessor:
-        """A picklable, deterministic callable from a raw medium (PIL image, ...) to an input tensor."""
+        """A picklable, deterministic callable from a raw medium (PIL image, ``Audio``) to an input tensor."""
 
     def preprocess(self, raw: Any) -> torch.Tensor:
         return self.preprocessor()(raw)
 
     @abstractmethod
-    def forward(self, inputs: torch.Tensor) -> EncoderOutput:
-        """Encodes a batch of preprocessed inputs into ``[B, N, D]`` features."""
+    def forward(self, inputs: MediaBatch) -> EncoderOutput:
+        """Encodes a collated batch of preprocessed inputs into ``[B, N, D]`` features (and a mask)."""
 
     @abstractmethod
     def num_tokens(self, input_shape: Sequence[int]) -> int:
@@ -131,6 +158,52 @@ class Connector(nn.Module, ABC):
     def num_tokens(self, num_features: int) -> int:
         """``M`` for ``N = num_features`` input features: how many placeholders a medium expands to."""
 
+    def token_mask(self, feature_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """``[B, M]`` True where an output token is real, for the feature mask ``[B, N]``.
+
+        None when every medium gives exactly ``num_tokens`` tokens (fixed-count connectors); a
+        per-feature connector returns the feature mask, so padded audio frames are dropped.
+        """
+        return None
+
     @abstractmethod
     def spec(self) -> dict[str, Any]:
         """Constructor kwargs (dimensions excluded: they come from ``build``)."""
+
+
+class FusionConnector(Connector):
+    """Feeds media to the LLM through gated cross-attention blocks run before some decoder layers.
+
+    The text keeps one marker token per medium (``num_tokens`` is 1). The LMM calls ``media`` once per
+    forward, then, before each decoder layer in ``layer_indices``, that layer's ``block`` with the
+    hidden states, the media of each sample and which media each text position may attend to.
+    """
+
+    kind: ClassVar[str] = "fusion"
+
+    def build(self, in_dim: int, out_dim: int, num_layers: int | None = None) -> None:
+        """Creates the media path for encoder width ``in_dim`` and the blocks for an LLM of width
+        ``out_dim`` with ``num_layers`` decoder layers."""
+        if num_layers is None:
+            raise ValueError(f"{type(self).__name__} needs the LLM's number of decoder layers to build")
+        self.in_dim, self.out_dim, self.num_layers = in_dim, out_dim, num_layers
+        self._build(in_dim, out_dim)
+
+    @abstractmethod
+    def media(self, features: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[K, N, in_dim]`` features to the ``[K, S, D_m]`` vectors blocks attend to, with a ``[K, S]`` mask."""
+
+    @abstractmethod
+    def layer_indices(self) -> list[int]:
+        """Decoder layers (0-based) that get a cross-attention block before them."""
+
+    @abstractmethod
+    def block(self, layer_index: int) -> nn.Module:
+        """The block before ``layer_index``: ``block(hidden [B, T, D], media [B, S, D_m], allowed [B, T, S])``
+        returns the new hidden states; ``allowed`` is False where a position may not see a media vector."""
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.media(features, mask)[0]
+
+    def num_tokens(self, num_features: int) -> int:
+        return 1
