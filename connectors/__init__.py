@@ -9,3 +9,6 @@ from mmpost.registry import Registry
 CONNECTORS = Registry("connector")
 CONNECTORS.add("linear", "connectors.projection:LinearConnector")
 CONNECTORS.add("mlp", "connectors.projection:MLPConnector")
+CONNECTORS.add("qformer", "connectors.qformer:QFormerConnector")
+CONNECTORS.add("resampler", "connectors.resampler:ResamplerConnector")
+CONNECTORS.add("xattn", "connectors.xattn:CrossAttentionConnector")

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from accelerate.utils import send_to_device
 
 from mmpost.data.chat import Skipped
 from mmpost.data.loader import make_pipeline
@@ -55,7 +56,7 @@ def answer(
         new = model.generate(
             batch["input_ids"].to(device),
             batch["attention_mask"].to(device),
-            {m: t.to(device) for m, t in batch["media"].items()},
+            send_to_device(batch["media"], device),
             max_new_tokens=max_new_tokens,
             **generate_kwargs,
         )

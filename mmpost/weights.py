@@ -99,3 +99,21 @@ def load_matching(module: torch.nn.Module, state: dict[str, torch.Tensor], sourc
         mapped[dst_key] = src
     module.load_state_dict(mapped, strict=False)
     return "by position"
+
+
+def load_pretrained_dir(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a transformers ``save_pretrained`` directory (single or sharded safetensors).
+
+    Raises:
+        FileNotFoundError: when the directory holds no safetensors weights.
+    """
+    from safetensors.torch import load_file
+
+    folder = resolve_path(path)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors weights in this directory")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    return state

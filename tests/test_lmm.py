@@ -28,7 +28,7 @@ def test_loss_equals_transformers_loss_on_full_logits(make_model, samples):
     out = model(batch["input_ids"], batch["attention_mask"], batch["media"], labels=batch["labels"])
     n_labels = int((batch["labels"][:, 1:] != -100).sum())
     assert out.num_tokens == n_labels  # logits were computed at label positions only
-    embeds = model.embed(batch["input_ids"], batch["media"])
+    embeds, _ = model.embed(batch["input_ids"], batch["media"])
     hf = model.base_llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
     torch.testing.assert_close(out.loss_sum / n_labels, hf.loss, rtol=1e-5, atol=1e-6)
     # and by hand from the full [B, T, V] logits

@@ -20,8 +20,18 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mmpost.config.schema import LLMConfig, LoraConfig
-from mmpost.interfaces import PLACEHOLDERS, Connector, Encoder
+from mmpost.interfaces import (
+    PLACEHOLDERS,
+    Connector,
+    Encoder,
+    EncoderOutput,
+    FusionConnector,
+    MediaBatch,
+    media_count,
+)
 from mmpost.losses.ce import cross_entropy_sum
+from mmpost.model import fusion
+from mmpost.model.fusion import FusionMedia, FusionState
 from mmpost.model.llm import add_lora, base_causal_lm, has_lora, load_llm, prepare_tokenizer
 
 IGNORE = -100
@@ -38,6 +48,13 @@ class LossOutput:
 
     loss_sum: torch.Tensor
     num_tokens: int
+
+
+def _count_error(modality: str, placeholders: int, num_media: int, tokens: str) -> ValueError:
+    return ValueError(
+        f"{modality}: {placeholders} placeholder tokens in the batch but {num_media} media with {tokens}; "
+        "the data pipeline must expand each placeholder to the connector's count"
+    )
 
 
 class LMM(nn.Module):
@@ -75,6 +92,8 @@ class LMM(nn.Module):
         self.lora_config = lora if lora is not None and lora.r > 0 else None
         self.encoders = nn.ModuleDict()
         self.connectors = nn.ModuleDict()
+        self.fusion_state = FusionState()  # media for fusion connectors' blocks during a forward
+        self._fusion_hooks: dict[str, list] = {}
         encoders, connectors = dict(encoders or {}), dict(connectors or {})
         if set(encoders) != set(connectors):
             raise ValueError(
@@ -113,13 +132,21 @@ class LMM(nn.Module):
         self.set_connector(modality, connector)
 
     def set_connector(self, modality: str, connector: Connector) -> None:
-        """Replaces the connector of ``modality``, building it for the encoder and LLM widths."""
+        """Replaces the connector of ``modality``, building it for the encoder and LLM widths.
+
+        A fusion connector's blocks are hooked in front of its decoder layers, and the previous
+        connector's blocks (if it was one) are unhooked; the LLM's own weights are not touched.
+        """
         if modality not in self.encoders:
             raise ValueError(f"no encoder for modality {modality!r}; add it with add_modality")
         encoder = self.encoders[modality]
         ref = next(self.parameters(), None)
+        layers = self.base_llm.get_decoder().layers
         if not connector.is_built:
-            connector.build(encoder.output_dim, self.hidden_size)
+            if isinstance(connector, FusionConnector):
+                connector.build(encoder.output_dim, self.hidden_size, num_layers=len(layers))
+            else:
+                connector.build(encoder.output_dim, self.hidden_size)
         elif (connector.in_dim, connector.out_dim) != (encoder.output_dim, self.hidden_size):
             raise ValueError(
                 f"connector for {modality!r} was built for {connector.in_dim} -> {connector.out_dim}, but the encoder "
@@ -127,6 +154,10 @@ class LMM(nn.Module):
             )
         if ref is not None:
             connector.to(device=ref.device)
+        for handle in self._fusion_hooks.pop(modality, []):
+            handle.remove()
+        if isinstance(connector, FusionConnector):
+            self._fusion_hooks[modality] = fusion.install(layers, self.fusion_state, modality, connector)
         self.connectors[modality] = connector
 
     def set_encoder(self, modality: str, encoder: Encoder) -> None:
@@ -140,46 +171,64 @@ class LMM(nn.Module):
             self.set_connector(modality, fresh)
 
     def media_tokens(self, modality: str, input_shape: tuple[int, ...]) -> int:
-        """How many LLM tokens one preprocessed medium of ``input_shape`` becomes."""
+        """How many LLM tokens one preprocessed medium of ``input_shape`` becomes (1 marker for fusion)."""
         return self.connectors[modality].num_tokens(self.encoders[modality].num_tokens(input_shape))
 
     # ----------------------------------------------------------------- forward
 
-    def encode(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
-        """``[K, ...]`` preprocessed media to ``[K, M, D_llm]`` LLM-width tokens."""
+    def features(self, modality: str, inputs: MediaBatch) -> EncoderOutput:
+        """Encoder features of a collated batch of media (no gradient when the encoder is frozen)."""
         encoder = self.encoders[modality]
         frozen = not any(p.requires_grad for p in encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            out = encoder(inputs)
-        return self.connectors[modality](out.features, out.mask)
+            return encoder(inputs)
 
-    def embed(self, input_ids: torch.Tensor, media: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Text embeddings ``[B, T, D]`` with each modality's placeholder positions replaced by its tokens."""
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        media: Mapping[str, MediaBatch] | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, FusionMedia]]:
+        """Text embeddings ``[B, T, D]`` with token connectors' media tokens in their placeholder
+        positions, and the fusion connectors' media laid out per sample (for the blocks)."""
         embeds = self.llm.get_input_embeddings()(input_ids)  # [B, T, D]
+        fused: dict[str, FusionMedia] = {}
         for modality, inputs in (media or {}).items():
-            if inputs is None or inputs.shape[0] == 0:
+            if inputs is None or media_count(inputs) == 0:
                 continue
-            tokens = self.encode(modality, inputs)  # [K, M, D]
-            mask = input_ids == self.placeholder_ids[modality]  # [B, T]
-            if int(mask.sum()) != tokens.shape[0] * tokens.shape[1]:
-                raise ValueError(
-                    f"{modality}: {int(mask.sum())} placeholder tokens in the batch but {tokens.shape[0]} media x "
-                    f"{tokens.shape[1]} tokens; the data pipeline must expand each placeholder to the connector's count"
-                )
-            embeds = embeds.masked_scatter(mask.unsqueeze(-1), tokens.to(embeds.dtype))
-        return embeds
+            connector = self.connectors[modality]
+            out = self.features(modality, inputs)
+            markers = input_ids == self.placeholder_ids[modality]  # [B, T]
+            if isinstance(connector, FusionConnector):
+                values, mask = connector.media(out.features, out.mask)
+                if int(markers.sum()) != values.shape[0]:
+                    raise _count_error(modality, int(markers.sum()), values.shape[0], "1 marker token each")
+                if position_ids is None:
+                    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+                fused[modality] = fusion.layout_media(values, mask, markers, position_ids)
+                continue
+            tokens = connector(out.features, out.mask)  # [K, M, D]
+            keep = connector.token_mask(out.mask)
+            flat = tokens.reshape(-1, tokens.shape[-1]) if keep is None else tokens[keep]
+            if int(markers.sum()) != flat.shape[0]:
+                raise _count_error(modality, int(markers.sum()), tokens.shape[0], f"{flat.shape[0]} tokens in all")
+            embeds = embeds.masked_scatter(markers.unsqueeze(-1), flat.to(embeds.dtype))
+        return embeds, fused
 
     def hidden_states(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        media: Mapping[str, torch.Tensor] | None = None,
+        media: Mapping[str, MediaBatch] | None = None,
     ) -> torch.Tensor:
         """Last hidden states ``[B, T, D]`` of the LLM's decoder for a (right- or left-) padded batch."""
-        embeds = self.embed(input_ids, media)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        embeds, fused = self.embed(input_ids, media, position_ids)
         decoder = self.base_llm.get_decoder()
-        out = decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        with self.fusion_state.active(fused, position_ids):
+            out = decoder(
+                inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            )
         return out.last_hidden_state
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -194,7 +243,7 @@ class LMM(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        media: Mapping[str, torch.Tensor] | None = None,
+        media: Mapping[str, MediaBatch] | None = None,
         labels: torch.Tensor | None = None,
     ) -> LossOutput | torch.Tensor:
         """With ``labels`` (aligned with ``input_ids``, -100 where ignored): summed next-token CE over the
@@ -214,7 +263,7 @@ class LMM(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        media: Mapping[str, torch.Tensor] | None = None,
+        media: Mapping[str, MediaBatch] | None = None,
         max_new_tokens: int = 32,
         **generate_kwargs,
     ) -> torch.Tensor:
@@ -225,17 +274,19 @@ class LMM(nn.Module):
         """
         if attention_mask[:, -1].min() == 0:
             raise ValueError("generate() needs left-padded prompts (pad on the left, last column all real tokens)")
-        embeds = self.embed(input_ids, media)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # what generate() computes too
+        embeds, fused = self.embed(input_ids, media, position_ids)
         generate_kwargs.setdefault("do_sample", False)
         if self.base_llm.generation_config.eos_token_id is None:
             generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
-        return self.llm.generate(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id,
-            **generate_kwargs,
-        )
+        with self.fusion_state.active(fused, position_ids):
+            return self.llm.generate(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **generate_kwargs,
+            )
 
     # ----------------------------------------------------------------- save / load
 

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 
 from mmpost.model.lmm import LMM
 
@@ -24,7 +25,7 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     out = dict(batch)
     for key in ("input_ids", "attention_mask", "labels"):
         out[key] = batch[key].to(device)
-    out["media"] = {m: t.to(device) for m, t in batch["media"].items()}
+    out["media"] = send_to_device(batch["media"], device)  # tensors, or dicts of them for audio
     return out
 
 
