@@ -301,7 +301,9 @@ def describe_registry(registry_name: str) -> list[str]:
     for name in registry.names():
         cls = registry.get(name)
         params, hints = constructor_params(cls)
-        docs = parse_docstring(cls) | parse_docstring(cls.__init__)
+        docs: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):  # a subclass may document only what it changes
+            docs |= parse_docstring(klass) | parse_docstring(klass.__init__)
         summary = (inspect.getdoc(cls) or "").splitlines()[0] if inspect.getdoc(cls) else ""
         lines.append(f"{registry.kind} {name!r}: {summary}")
         for pname, param in params.items():
