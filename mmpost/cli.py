@@ -53,8 +53,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from mmpost.data.synth import synthesize
 
+    modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
     manifest = synthesize(args.out, num_train=args.train, num_heldout=args.heldout, image_size=args.image_size,
-                          seed=args.seed)  # fmt: skip
+                          seed=args.seed, modalities=modalities)  # fmt: skip
     print(f"wrote {manifest['counts']} to {args.out}")
     return 0
 
@@ -110,12 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
-    s = data_sub.add_parser("synth", help="write the built-in synthetic dataset (shapes: captions, questions)")
+    s = data_sub.add_parser("synth", help="write the built-in synthetic dataset (shapes, tones: captions, questions)")
     s.add_argument("--out", required=True)
-    s.add_argument("--train", type=int, default=4000, help="training images")
-    s.add_argument("--heldout", type=int, default=300, help="held-out images (one question each)")
+    s.add_argument("--train", type=int, default=4000, help="training images (and clips)")
+    s.add_argument("--heldout", type=int, default=300, help="held-out images (and clips), one question each")
     s.add_argument("--image-size", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--modalities", default="image", help="comma-separated: image, audio, or image,audio (adds mixed samples)"
+    )
     s.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("generate", help="answer a prompt about media with a saved model")

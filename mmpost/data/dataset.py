@@ -15,12 +15,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import soundfile
 import torch
 from PIL import Image
 
 from mmpost.data.chat import ChatEncoder, Encoded, Skipped
 from mmpost.data.sample import Sample
-from mmpost.interfaces import MediaProcessor
+from mmpost.interfaces import Audio, MediaProcessor
 
 TokenCounter = Callable[[str, tuple[int, ...]], int]
 
@@ -32,7 +33,23 @@ def decode_image(ref: Path | bytes) -> Image.Image:
         return img.convert("RGB")
 
 
-DECODERS: dict[str, Callable[[Path | bytes], Any]] = {"image": decode_image}
+def decode_audio(ref: Path | bytes) -> Audio:
+    """Reads a wav / flac file or its bytes: float32, channels averaged to mono, at the file's own rate.
+
+    soundfile (libsndfile) reads it, not ``torchaudio.load``, which needs torchcodec and FFmpeg. Any rate is
+    accepted; the encoders' processors resample.
+
+    Raises:
+        soundfile.LibsndfileError: on bytes libsndfile cannot read.
+        ValueError: on a clip with no samples.
+    """
+    data, rate = soundfile.read(io.BytesIO(ref) if isinstance(ref, bytes) else ref, dtype="float32", always_2d=True)
+    if data.shape[0] == 0:
+        raise ValueError("the clip has no samples")
+    return Audio(waveform=torch.from_numpy(data.mean(axis=1, dtype="float32")), rate=int(rate))  # [samples]
+
+
+DECODERS: dict[str, Callable[[Path | bytes], Any]] = {"image": decode_image, "audio": decode_audio}
 
 
 class SampleProcessor:

@@ -5,14 +5,15 @@ One record parser serves every source. It takes the two record shapes in use:
 - LLaVA: ``{"id", "image": str | [str] (absent for text-only), "conversations": [{"from", "value"}]}``
   with ``from`` in human / gpt / system, as in ``blip_laion_cc_sbu_558k.json`` and
   ``llava_v1_5_mix665k.json``;
-- messages: ``{"id", "messages": [{"role", "content"}], "images": [str]}`` with ``role`` in
+- messages: ``{"id", "messages": [{"role", "content"}], "images": [str], "audios": [str]}`` with ``role`` in
   user / assistant / system.
 
 Either media key (``image`` / ``images``, and likewise for any modality in ``PLACEHOLDERS``) is accepted in
-either shape; every other key goes to ``Sample.meta``. In a JSON file a media ref is a path relative to the
-image root; in a shard it is the extension key of one of the sample's tar entries (``"png"``, or ``"0.png"``,
-``"1.png"`` for several), in placeholder order, and the medium stays raw bytes: decoding, and skipping and
-counting corrupt media, belong to the dataset.
+either shape, and a sample may hold several modalities; every other key goes to ``Sample.meta``. In a JSON
+file a media ref is a path relative to the media root (``image_root``, for audio too); in a shard it is the
+extension key of one of the sample's tar entries (``"png"``, ``"flac"``, or ``"0.png"``, ``"1.png"`` for
+several), in placeholder order, and the medium stays raw bytes: decoding, and skipping and counting corrupt
+media, belong to the dataset.
 
 What can be checked without decoding media is checked while reading, so a bad file fails before training
 starts: record shape, roles, placeholder counts, and the existence of every image file a JSON file names.
@@ -40,7 +41,7 @@ from mmpost.data.sample import PLACEHOLDERS, DataError, Sample
 _LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 _MESSAGE_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
 # Extensions a shard entry may have to count as a medium when the json does not name its entries.
-_MEDIA_EXTENSIONS = {"image": ("jpg", "jpeg", "png", "webp", "bmp")}
+_MEDIA_EXTENSIONS = {"image": ("jpg", "jpeg", "png", "webp", "bmp"), "audio": ("flac", "wav")}
 _SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 Resolver = Callable[[str, str], "Path | bytes"]
@@ -86,8 +87,9 @@ def iter_shards(
     """Streams the samples of webdataset shards, split across processes and DataLoader workers.
 
     Each shard sample is ``<key>.json`` (a LLaVA or messages record) plus its media entries; the record's
-    ``images`` (or ``image``) lists the extension keys of those entries in placeholder order. A record that
-    names none, beside a single image entry, gets that entry. Shards, not samples, are divided: process
+    ``images`` (or ``image``) lists the extension keys of those entries in placeholder order, and ``audios``
+    (``audio``) likewise. A record that names none of a modality, beside a single entry of it (``.png``,
+    ``.flac``, ...), gets that entry. Shards, not samples, are divided: process
     ``rank`` of ``world_size`` takes every ``world_size``-th shard and DataLoader worker ``w`` of ``n`` every
     ``n``-th of those, so each sample comes out once per pass; with fewer shards than processes x workers some
     workers idle, and shard counts that are a multiple of that product keep the load even.

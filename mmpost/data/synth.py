@@ -1,4 +1,4 @@
-"""The built-in synthetic data set: coloured shapes, written in every file format the readers take.
+"""The built-in synthetic data set: coloured shapes (and tones), written in every file format the readers take.
 
 Every stage needs data on a machine with no network, and a task whose answer can be checked, so this module
 draws small images of 1-3 shapes of one type (circle / square / triangle) and one colour (red / green / blue /
@@ -15,6 +15,9 @@ background pixel between cells, so they never overlap or touch and a count is un
 saturated and far apart so the colour word is too. Drawing uses PIL without antialiasing, so every pixel is
 either the background or the shape's exact colour (``COLOURS``), which the tests rely on.
 
+With ``modalities=("image", "audio")`` it also writes the tone clips of ``synth_audio.py`` and samples that
+pair an image with a clip; the image files stay what an image-only run writes.
+
 Output is a function of the arguments only: one ``random.Random`` per stream (train images, held-out
 images, text), PNGs without timestamps and tar entries with ``mtime=0``, so the same seed gives
 byte-identical files.
@@ -23,15 +26,17 @@ byte-identical files.
 from __future__ import annotations
 
 import io
-import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from mmpost.data import synth_audio
+from mmpost.data.synth_files import MANIFEST, Drawn, balanced, clear_previous, write_json, write_jsonl, write_shards
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 0, 0),
@@ -43,7 +48,6 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 TASKS: tuple[str, ...] = ("colour", "shape", "count")
 NUMBER_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three"}
 
-MANIFEST = "synth.json"
 _ROLES = {"human": "user", "gpt": "assistant"}  # LLaVA speakers -> messages roles, for the shard jsons
 FORMAT_VERSION = 1
 
@@ -140,10 +144,11 @@ def synthesize(
     seed: int = 0,
     shard_size: int = 1000,
     progress: bool = True,
+    modalities: Sequence[str] = ("image",),
 ) -> dict[str, Any]:
-    """Writes the synthetic shapes data set (images, caption / instruction / held-out files, shards).
+    """Writes the synthetic data set: shapes, tones or both (media, caption / instruction / held-out files, shards).
 
-    Layout under ``out_dir`` (image refs in the JSON files are relative to ``images/``)::
+    Layout under ``out_dir`` with ``"image"`` (image refs in these files are relative to ``images/``)::
 
         images/train/000000.png ...        num_train images
         images/heldout/000000.png ...      num_heldout images, from a different seed stream
@@ -152,19 +157,35 @@ def synthesize(
         heldout.jsonl                      messages format, one question per held-out image, with task/answer
         heldout_captions.json              LLaVA caption format, one record per held-out image
         shards/sft-000000.tar ...          the sft records as webdataset shards, shard_size per shard
-        synth.json                         this function's return value
 
-    A shard sample is ``<id>.png`` + ``<id>.json``; the json is ``{"id", "messages", "images": ["png"]}``, where
-    ``images`` lists the extension keys of the sample's image entries in placeholder order.
+    with ``"audio"`` (messages format; refs relative to ``out_dir``, so no image root is needed)::
+
+        audio/train/000000.flac ...        num_train clips (16 kHz mono FLAC)
+        audio/heldout/000000.flac ...      num_heldout clips, from a different seed stream
+        audio_align.json                   one caption record per train clip
+        audio_sft.json                     1-3 questions (pitch, beeps, length) per train clip
+        audio_heldout.jsonl                one question per held-out clip, with task/answer
+        audio_heldout_captions.json        one caption record per held-out clip
+        audio_shards/sft-000000.tar ...    the audio sft records as webdataset shards
+
+    with both, also samples holding train (held-out) image ``k`` and clip ``k``, refs relative to ``out_dir``::
+
+        mixed_sft.json                     1-3 questions about either medium per pair
+        mixed_heldout.jsonl                one question per held-out pair over all six tasks, with task/answer
+
+    and always ``synth.json``, this function's return value. A shard sample is ``<id>.png`` (``<id>.flac``) +
+    ``<id>.json``; the json is ``{"id", "messages", "images": ["png"]}`` (``"audios": ["flac"]``), listing the
+    extension keys of the sample's media entries in placeholder order.
 
     Args:
         out_dir: a new or empty directory, or one holding an earlier output (its files are replaced).
-        num_train: train images (each gets one caption record and one instruction record).
-        num_heldout: held-out images (each gets one question and one caption).
+        num_train: train images and clips (each gets one caption record and one instruction record).
+        num_heldout: held-out images and clips (each gets one question and one caption).
         image_size: image width and height in pixels, at least 32.
         seed: the seed of every random stream.
         shard_size: sft samples per shard.
-        progress: show a tqdm progress bar.
+        progress: show tqdm progress bars.
+        modalities: what to write, ``"image"`` and / or ``"audio"``.
 
     Returns:
         The manifest also written to ``out_dir/synth.json``: format version, parameters, counts and the
@@ -180,16 +201,47 @@ def synthesize(
         )
     if image_size < 32:
         raise ValueError(f"image_size must be at least 32 so shapes stay recognisable; got {image_size}")
+    given = [modalities] if isinstance(modalities, str) else list(modalities)
+    if not given or not set(given) <= {"image", "audio"}:
+        raise ValueError(f"modalities must name one or both of 'image', 'audio'; got {given}")
+    modalities = [m for m in ("image", "audio") if m in given]
     out = Path(out_dir)
-    _clear_previous(out)
-    params = {
+    clear_previous(out)
+    params: dict[str, Any] = {
         "num_train": num_train,
         "num_heldout": num_heldout,
         "image_size": image_size,
         "seed": seed,
         "shard_size": shard_size,
     }
+    if modalities != ["image"]:  # left out by default, so image-only manifests stay what they always were
+        params["modalities"] = modalities
+    manifest: dict[str, Any] = {"format_version": FORMAT_VERSION, "params": params, "counts": {}, "files": {}}
+    sizes = dict(num_train=num_train, num_heldout=num_heldout, seed=seed, shard_size=shard_size, progress=progress)
+    if "image" in modalities:
+        images = _write_images(out, manifest, image_size=image_size, **sizes)
+    if "audio" in modalities:
+        clips = synth_audio.write_audio(out, manifest, **sizes)
+        if "image" in modalities:
+            synth_audio.write_mixed(out, manifest, images, clips, TASKS, seed)
+    manifest["files"] = manifest.pop("files")  # last, where it has always been
+    write_json(out / MANIFEST, manifest)
+    return manifest
 
+
+def _write_images(
+    out: Path,
+    manifest: dict[str, Any],
+    *,
+    num_train: int,
+    num_heldout: int,
+    image_size: int,
+    seed: int,
+    shard_size: int,
+    progress: bool,
+) -> tuple[Drawn, Drawn]:
+    """Writes the shapes part and its manifest entries; returns the train and held-out images as drawn (refs
+    relative to ``images/``)."""
     with tqdm(total=num_train + num_heldout, desc="synthesizing shapes", unit="img", disable=not progress) as bar:
         train = _draw_split(out, "train", num_train, random.Random(seed), image_size, bar)
         # A separate stream, so held-out images are not a prefix of the train images of another run.
@@ -201,47 +253,40 @@ def synthesize(
     heldout_captions = [
         _caption_record(f"heldout-cap-{i:06d}", ref, scene, text_rng) for i, (scene, ref, _) in enumerate(heldout)
     ]
-    # Balanced tasks: as equal as num_heldout allows, in a shuffled order.
-    tasks = [TASKS[i % len(TASKS)] for i in range(num_heldout)]
-    text_rng.shuffle(tasks)
+    tasks = balanced(TASKS, num_heldout, text_rng)
     questions = [
         _heldout_line(f"heldout-{i:06d}", ref, scene, task, text_rng)
         for i, ((scene, ref, _), task) in enumerate(zip(heldout, tasks, strict=True))
     ]
 
-    _write_json(out / "align.json", align)
-    _write_json(out / "sft.json", sft)
-    _write_json(out / "heldout_captions.json", heldout_captions)
-    with open(out / "heldout.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(line) + "\n" for line in questions)
-    shards = _write_shards(out, sft, [png for _, _, png in train], shard_size)
+    write_json(out / "align.json", align)
+    write_json(out / "sft.json", sft)
+    write_json(out / "heldout_captions.json", heldout_captions)
+    write_jsonl(out / "heldout.jsonl", questions)
+    records = [{"id": r["id"], "messages": _messages(r["conversations"])} for r in sft]
+    shards = write_shards(out, "shards", records, [png for _, _, png in train], "image", "png", shard_size)
 
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "params": params,
-        "counts": {
-            "train_images": num_train,
-            "heldout_images": num_heldout,
-            "align": len(align),
-            "sft": len(sft),
-            "heldout": len(questions),
-            "heldout_captions": len(heldout_captions),
-            "shards": len(shards),
-            "heldout_tasks": {task: tasks.count(task) for task in TASKS},
-        },
-        "image_root": "images",
-        "shard_urls": f"shards/sft-{{000000..{len(shards) - 1:06d}}}.tar",
-        "files": {
-            "align": "align.json",
-            "sft": "sft.json",
-            "heldout": "heldout.jsonl",
-            "heldout_captions": "heldout_captions.json",
-            "shards": shards,
-            "images": [f"images/{ref}" for _, ref, _ in train + heldout],
-        },
-    }
-    _write_json(out / MANIFEST, manifest)
-    return manifest
+    manifest["counts"].update(
+        train_images=num_train,
+        heldout_images=num_heldout,
+        align=len(align),
+        sft=len(sft),
+        heldout=len(questions),
+        heldout_captions=len(heldout_captions),
+        shards=len(shards),
+        heldout_tasks={task: tasks.count(task) for task in TASKS},
+    )
+    manifest["image_root"] = "images"
+    manifest["shard_urls"] = f"shards/sft-{{000000..{len(shards) - 1:06d}}}.tar"
+    manifest["files"].update(
+        align="align.json",
+        sft="sft.json",
+        heldout="heldout.jsonl",
+        heldout_captions="heldout_captions.json",
+        shards=shards,
+        images=[f"images/{ref}" for _, ref, _ in train + heldout],
+    )
+    return train, heldout
 
 
 def _draw_split(
@@ -296,42 +341,5 @@ def _heldout_line(sample_id: str, ref: str, scene: Scene, task: str, rng: random
     }
 
 
-def _write_shards(out: Path, sft: list[dict[str, Any]], pngs: list[bytes], shard_size: int) -> list[str]:
-    """Writes the sft records as shards of ``<id>.png`` + ``<id>.json``; returns the shard names."""
-    (out / "shards").mkdir(exist_ok=True)
-    names = []
-    for k, start in enumerate(range(0, len(sft), shard_size)):
-        name = f"shards/sft-{k:06d}.tar"
-        # mtime=0 and pre-encoded bytes (encoder=False) keep the tar byte-identical across runs.
-        with wds.TarWriter(str(out / name), encoder=False, mtime=0) as writer:
-            for record, png in zip(sft[start : start + shard_size], pngs[start : start + shard_size], strict=True):
-                messages = [{"role": _ROLES[t["from"]], "content": t["value"]} for t in record["conversations"]]
-                meta = {"id": record["id"], "messages": messages, "images": ["png"]}
-                writer.write({"__key__": record["id"], "png": png, "json": json.dumps(meta).encode("utf-8")})
-        names.append(name)
-    return names
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-
-
-def _clear_previous(out: Path) -> None:
-    """Removes an earlier output's files; refuses a non-empty directory that is not one."""
-    if not out.exists() or not any(out.iterdir()):
-        out.mkdir(parents=True, exist_ok=True)
-        return
-    manifest_path = out / MANIFEST
-    if not manifest_path.is_file():
-        raise FileExistsError(
-            f"{out} is not empty and holds no {MANIFEST} from an earlier synthesize(); choose a new or empty directory"
-        )
-    # Only the files the earlier run listed are removed, so a user's other files in the folder survive; a
-    # smaller new run must not leave stale shards behind for a directory reader to pick up.
-    files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
-    for entry in files.values():
-        for name in [entry] if isinstance(entry, str) else entry:
-            (out / name).unlink(missing_ok=True)
-    manifest_path.unlink()
+def _messages(conversations: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{"role": _ROLES[t["from"]], "content": t["value"]} for t in conversations]
