@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_batch
+from helpers import greedy_without_cache, make_batch
 from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2QFormerModel
 
 import mmpost
@@ -43,18 +43,6 @@ def build(make_model, kind: str, seed: int = 0, **extra):
     if kind == "xattn":
         open_gates(model)
     return model
-
-
-def greedy_without_cache(model, batch, steps: int) -> torch.Tensor:
-    """Greedy decoding by a full forward over the growing sequence at every step (no KV cache)."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    new = []
-    for _ in range(steps):
-        logits = model(ids, mask, batch["media"])[:, -1]
-        token = logits.argmax(-1, keepdim=True)
-        new.append(token)
-        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
-    return torch.cat(new, 1)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import yaml
 from helpers import make_batch
 
 import mmpost
+from connectors import CONNECTORS
 from mmpost.cli import main
 from mmpost.data.sources import read_records
 from mmpost.tiny.vision import make_tiny_open_clip, make_tiny_timm
@@ -60,3 +62,29 @@ def test_python_swap_to_open_clip_then_steps_keep_the_llm(make_model, tmp_path, 
         losses.append(float(out.loss_sum.detach() / out.num_tokens))
     assert losses[-1] < losses[0]
     assert all(torch.equal(v, model.llm.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize(
+    "connector",
+    [
+        {"name": "qformer", "num_queries": 4, "hidden_size": 32, "layers": 1, "heads": 4},
+        {"name": "resampler", "num_latents": 4, "layers": 1, "heads": 4},
+        {"name": "xattn", "every": 1, "heads": 4, "num_latents": 4, "resampler_layers": 1, "resampler_heads": 4},
+    ],
+    ids=lambda c: c["name"],
+)
+def test_trained_model_gets_a_new_connector_kind_and_trains_on_with_the_llm_frozen(run_config, tmp_path, connector):
+    assert main(["train", str(run_config("first", train={"max_steps": 4}))]) == 0
+    first = mmpost.load(tmp_path / "first" / "final")
+    before = llm_weights(first)
+    cfg = run_config("second", train={"max_steps": 6})
+    data = yaml.safe_load(cfg.read_text())
+    data["from"] = str(tmp_path / "first")
+    data["model"] = {"connectors": {"image": connector}}
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["train", str(cfg)]) == 0
+    second = mmpost.load(tmp_path / "second" / "final")
+    assert CONNECTORS.name_of(type(second.connectors["image"])) == connector["name"]
+    assert all(torch.equal(v, second.llm.state_dict()[k]) for k, v in before.items())
+    losses = [r["loss"] for r in read_metrics(tmp_path / "second") if "loss" in r]
+    assert losses[-1] < losses[0]

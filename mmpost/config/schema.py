@@ -80,8 +80,8 @@ class DataSourceConfig:
     Attributes:
         path: a .json / .jsonl file (LLaVA ``conversations`` or ``messages`` records), or webdataset
             shards: a .tar file, a brace pattern (``shards/sft-{000000..000009}.tar``) or a folder of .tar.
-        image_root: folder that relative image paths in a JSON file are read from (LLaVA's
-            ``--image_folder``); null means the JSON file's own folder.
+        image_root: folder that relative media paths (images and audio) in a JSON file are read from
+            (LLaVA's ``--image_folder``); null means the JSON file's own folder.
         max_samples: use at most this many samples (the first ones); 0 means all.
     """
 
