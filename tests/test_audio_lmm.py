@@ -96,9 +96,12 @@ def test_image_and_audio_in_one_model_train_and_reload(llm_dir, clip_dir, media_
     torch.manual_seed(0)
     model = mmpost.LMM(
         str(llm_dir),
-        encoders={"image": mmpost.encoder("hf_vision", path=str(clip_dir)), "audio": mmpost.encoder("whisper", path=audio_encoders["whisper"]["path"])},
-        connectors={"image": mmpost.connector("mlp"), "audio": mmpost.connector("qformer", **{k: v for k, v in CONNECTORS["qformer"].items() if k != "name"})},
-    )  # fmt: skip
+        encoders={
+            "image": mmpost.encoder("hf_vision", path=str(clip_dir)),
+            "audio": mmpost.encoder(**audio_encoders["whisper"]),
+        },
+        connectors={"image": mmpost.connector("mlp"), "audio": mmpost.connector(**CONNECTORS["qformer"])},
+    )
     samples = read_records(media_dir / "mixed_sft.json")[:6]
     batch = make_batch(model, samples)
     assert set(batch["media"]) == {"image", "audio"}
