@@ -63,7 +63,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from mmpost.generate import answer
 
-    print(answer(args.model, args.prompt, images=args.image or [], max_new_tokens=args.max_new_tokens))
+    print(answer(args.model, args.prompt, args.image or [], args.max_new_tokens, audios=args.audio or []))
     return 0
 
 
@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="answer a prompt about media with a saved model")
     p.add_argument("model", help="a saved model directory or a run (its final/)")
     p.add_argument("--image", action="append", help="image file (repeat for several); prepended as <image>")
+    p.add_argument("--audio", action="append", help="wav / flac file (repeat for several); prepended as <audio>")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_generate)

@@ -20,11 +20,13 @@ def answer(
     prompt: str,
     images: Sequence[str | Path] = (),
     max_new_tokens: int = 64,
+    audios: Sequence[str | Path] = (),
     **generate_kwargs,
 ) -> str:
-    """Greedy (by default) answer of ``model`` to one user turn with ``images``.
+    """Greedy (by default) answer of ``model`` to one user turn with ``images`` and ``audios``.
 
-    The prompt gets one ``<image>`` per image in front of it unless it already places them.
+    The prompt gets one ``<image>`` per image (and ``<audio>`` per clip) in front of it unless it
+    already places them.
 
     Raises:
         FileNotFoundError: for a missing model directory or image.
@@ -32,16 +34,18 @@ def answer(
     """
     if not isinstance(model, LMM):
         model = load_lmm(resolve_model_dir(model))
-    token = PLACEHOLDERS["image"]
-    for image in images:
-        if not Path(image).is_file():
-            raise FileNotFoundError(f"--image {image}: no such file")
-    if token not in prompt:
-        prompt = token * len(images) + ("\n" if images else "") + prompt
+    given = {"image": [Path(p) for p in images], "audio": [Path(p) for p in audios]}
+    for modality, files in given.items():
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"--{modality} {file}: no such file")
+        token = PLACEHOLDERS[modality]
+        if files and token not in prompt:
+            prompt = token * len(files) + "\n" + prompt
     sample = Sample(
         id="prompt",
         messages=[{"role": "user", "content": prompt}],
-        media={"image": [Path(p) for p in images]} if images else {},
+        media={modality: files for modality, files in given.items() if files},
         source="the command line",
     )
     sample.check_placeholders()

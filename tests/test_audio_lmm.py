@@ -14,6 +14,7 @@ import mmpost
 from mmpost.cli import main
 from mmpost.data.sources import read_records
 from mmpost.data.synth import synthesize
+from mmpost.generate import answer
 from mmpost.tiny.audio import make_tiny_speech, make_tiny_whisper
 from mmpost.training.metrics import read_metrics
 
@@ -74,6 +75,9 @@ def test_audio_models_save_load_and_generate_with_the_kv_cache(
     model.save(tmp_path / "m")
     after = mmpost.load(tmp_path / "m").eval()(batch["input_ids"], batch["attention_mask"], batch["media"])
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    if encoder == "whisper" and connector == "xattn":  # the command-line path serves audio models too
+        clip = questions[0].media["audio"][0]
+        assert isinstance(answer(tmp_path / "m", "How many beeps?", audios=[clip], max_new_tokens=3), str)
 
 
 def test_per_frame_connector_gives_each_clip_its_own_token_count(llm_dir, media_dir, audio_encoders):

@@ -61,6 +61,11 @@ def test_registered_parts_are_checked_against_their_constructor(tmp_path):
     base = {"stage": "sft"}
     with pytest.raises(ConfigError, match=r"model\.connectors\.image\.name: unknown connector 'mpl'.*'mlp'.*linear"):
         load_config(write(tmp_path, base | {"model": {"connectors": {"image": {"name": "mpl"}}}}))
+    registered = r"hf_vision, hubert, open_clip, timm, wav2vec2, whisper"
+    with pytest.raises(ConfigError, match=rf"model\.encoders\.audio\.name: unknown encoder 'wisper'.*{registered}"):
+        load_config(write(tmp_path, base | {"model": {"encoders": {"audio": {"name": "wisper"}}}}))
+    with pytest.raises(ConfigError, match=r"unknown connector 'perceiver'.*linear, mlp, qformer, resampler, xattn"):
+        load_config(write(tmp_path, base | {"model": {"connectors": {"audio": {"name": "perceiver"}}}}))
     with pytest.raises(ConfigError, match=r"model\.connectors\.image\.dept: unknown key for connector 'mlp'.*'depth'"):
         load_config(write(tmp_path, base | {"model": {"connectors": {"image": {"name": "mlp", "dept": 2}}}}))
     with pytest.raises(ConfigError, match=r"model\.connectors\.image\.depth: expected an integer"):

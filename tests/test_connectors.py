@@ -80,6 +80,11 @@ def test_xattn_with_closed_gates_is_exactly_the_bare_llm(make_model, questions, 
     assert (ours - bare).abs().max() <= 1e-6
     open_gates(model)
     assert (model(ids, mask, batch["media"]) - bare).abs().max() > 1e-3  # the media do reach the LLM
+    if lora:  # generation with adapters and open gates: the KV cache path equals full forwards
+        model.base_llm.generation_config.eos_token_id = None
+        prompts = make_batch(model, questions, mode="generate")
+        cached = model.generate(prompts["input_ids"], prompts["attention_mask"], prompts["media"], max_new_tokens=4)
+        assert torch.equal(cached, greedy_without_cache(model, prompts, 4))
 
 
 def two_image_sample(synth_dir, first: int, second: int) -> Sample:
