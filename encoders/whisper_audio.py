@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder, WhisperEncoderLayer
 
 from mmpost.interfaces import Audio, Encoder, EncoderOutput, MediaBatch, MediaProcessor
-from mmpost.weights import load_state_dict_file, resolve_path
+from mmpost.weights import load_pretrained_dir, resolve_path
 
 SAMPLE_RATE = 16_000
 N_FFT = 400
@@ -169,6 +168,12 @@ class WhisperAudioEncoder(Encoder):
         else:
             self.encoder = WhisperEncoder(_config_from_dict(config))
         self.encoder.eval()  # dropout off unless a stage trains the encoder
+        # Whisper's positions are fixed sinusoids (a parameter with requires_grad=False in transformers);
+        # as a buffer under the same name they stay fixed when a stage trains the encoder.
+        positions = self.encoder.embed_positions
+        weight = positions.weight.detach()
+        del positions.weight
+        positions.register_buffer("weight", weight)
 
         num_layers = self.encoder.config.encoder_layers
         if not -(num_layers + 1) <= feature_layer <= num_layers:
@@ -249,7 +254,7 @@ def _load_encoder(path: str) -> WhisperEncoder:
     if model_type != "whisper":
         raise ValueError(f"whisper: {path} holds a {model_type!r} model, not a Whisper checkpoint")
     config = WhisperConfig.from_pretrained(directory)
-    state = _read_weights(directory, path)
+    state = load_pretrained_dir(directory)
 
     # Built on the meta device and filled by assignment: no time spent on a random init of a large encoder.
     with torch.device("meta"):
@@ -265,13 +270,3 @@ def _load_encoder(path: str) -> WhisperEncoder:
         )
     encoder.load_state_dict(tensors, assign=True)
     return encoder.float()  # float32 whatever the checkpoint holds: mixed precision is the trainer's business
-
-
-def _read_weights(directory: Path, path: str) -> dict[str, torch.Tensor]:
-    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
-    if not files:
-        raise FileNotFoundError(f"whisper: {path} holds no *.safetensors (or pytorch_model*.bin) weights")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_state_dict_file(file))
-    return state

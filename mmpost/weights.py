@@ -102,18 +102,17 @@ def load_matching(module: torch.nn.Module, state: dict[str, torch.Tensor], sourc
 
 
 def load_pretrained_dir(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a transformers ``save_pretrained`` directory (single or sharded safetensors).
+    """All tensors of a transformers ``save_pretrained`` directory: its safetensors files (single or
+    sharded), else its ``pytorch_model*.bin`` files (read with ``weights_only=True``).
 
     Raises:
-        FileNotFoundError: when the directory holds no safetensors weights.
+        FileNotFoundError: when the directory holds no weights.
     """
-    from safetensors.torch import load_file
-
     folder = resolve_path(path)
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
     if not files:
-        raise FileNotFoundError(f"{path}: no *.safetensors weights in this directory")
+        raise FileNotFoundError(f"{path}: no *.safetensors (or pytorch_model*.bin) weights in this directory")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(str(file)))
+        state.update(load_state_dict_file(file))
     return state

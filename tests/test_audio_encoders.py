@@ -300,3 +300,20 @@ def test_registry_builds_each_audio_encoder(whisper_dir, speech_files):
     for name, encoder in built.items():
         assert ENCODERS.name_of(type(encoder)) == name
         assert encoder.modality == "audio" and encoder.output_dim == 64
+
+
+def test_whisper_positions_stay_fixed_when_the_encoder_trains(whisper_dir):
+    encoder = ENCODERS.build(name="whisper", path=str(whisper_dir)).train()
+    positions = encoder.encoder.embed_positions.weight.clone()
+    for param in encoder.parameters():  # what a stage training "encoders" does
+        param.requires_grad_(True)
+    optimizer = torch.optim.SGD(encoder.parameters(), lr=1.0)
+    processor = encoder.preprocessor()
+    clip = Audio(torch.sin(torch.arange(8000) * 0.2), 16000)
+    encoder(processor.collate([processor(clip)])).features.square().mean().backward()
+    optimizer.step()
+    assert "encoder.embed_positions.weight" in encoder.state_dict()  # same name as in transformers
+    assert torch.equal(encoder.encoder.embed_positions.weight, positions)
+    assert not torch.equal(
+        encoder.encoder.conv1.weight, ENCODERS.build(name="whisper", path=str(whisper_dir)).encoder.conv1.weight
+    )
