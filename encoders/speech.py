@@ -32,10 +32,9 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from torchaudio.models import Wav2Vec2Model, wav2vec2_model
 
+from encoders.waveform import SAMPLE_RATE, waveform_16k
 from mmpost.interfaces import Audio, Encoder, EncoderOutput, MediaBatch, MediaProcessor
 from mmpost.weights import load_state_dict_file
-
-SAMPLE_RATE = 16_000
 
 # torchaudio factories of models without a head (all take the same dropout kwargs)
 ARCHS = (
@@ -50,20 +49,6 @@ ARCHS = (
     "hubert_xlarge",
 )
 _CONFIG_KEYS = tuple(inspect.signature(wav2vec2_model).parameters)
-
-
-def _waveform_16k(raw: Audio, who: str) -> torch.Tensor:
-    """``raw``'s waveform as ``[samples]`` float32 at 16 kHz, resampled when its rate differs."""
-    if not isinstance(raw, Audio):
-        raise TypeError(f"{who}: expected an mmpost.interfaces.Audio, got {type(raw).__name__}")
-    waveform = torch.as_tensor(raw.waveform, dtype=torch.float32)
-    if waveform.ndim != 1:
-        raise ValueError(f"{who}: expected a mono [samples] waveform, got shape {tuple(waveform.shape)}")
-    if waveform.numel() == 0:
-        raise ValueError(f"{who}: the audio clip is empty")
-    if raw.rate != SAMPLE_RATE:
-        waveform = torchaudio.functional.resample(waveform, int(raw.rate), SAMPLE_RATE)
-    return waveform
 
 
 class WaveformProcessor(MediaProcessor):
@@ -82,7 +67,7 @@ class WaveformProcessor(MediaProcessor):
         self.who = who
 
     def __call__(self, raw: Audio) -> torch.Tensor:
-        waveform = _waveform_16k(raw, self.who)
+        waveform = waveform_16k(raw, self.who)
         if self.normalize:
             waveform = (waveform - waveform.mean()) / torch.sqrt(waveform.var(unbiased=False) + 1e-7)
         return F.pad(waveform, (0, max(0, self.min_samples - waveform.numel())))

@@ -33,10 +33,10 @@ from torch import nn
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder, WhisperEncoderLayer
 
+from encoders.waveform import SAMPLE_RATE, waveform_16k
 from mmpost.interfaces import Audio, Encoder, EncoderOutput, MediaBatch, MediaProcessor
 from mmpost.weights import load_pretrained_dir, resolve_path
 
-SAMPLE_RATE = 16_000
 N_FFT = 400
 HOP = 160
 
@@ -57,25 +57,6 @@ ENCODER_KEYS = (
 )
 # where the encoder's tensors live in WhisperForConditionalGeneration, WhisperModel and a bare WhisperEncoder
 _PREFIXES = ("model.encoder.", "encoder.", "")
-
-
-def _waveform_16k(raw: Audio, who: str) -> torch.Tensor:
-    """``raw``'s waveform as ``[samples]`` float32 at 16 kHz, resampled when its rate differs.
-
-    Raises:
-        TypeError: if ``raw`` is not an ``Audio``.
-        ValueError: if the waveform is not 1-D or is empty.
-    """
-    if not isinstance(raw, Audio):
-        raise TypeError(f"{who}: expected an mmpost.interfaces.Audio, got {type(raw).__name__}")
-    waveform = torch.as_tensor(raw.waveform, dtype=torch.float32)
-    if waveform.ndim != 1:
-        raise ValueError(f"{who}: expected a mono [samples] waveform, got shape {tuple(waveform.shape)}")
-    if waveform.numel() == 0:
-        raise ValueError(f"{who}: the audio clip is empty")
-    if raw.rate != SAMPLE_RATE:
-        waveform = torchaudio.functional.resample(waveform, int(raw.rate), SAMPLE_RATE)
-    return waveform
 
 
 class WhisperLogMel(MediaProcessor):
@@ -108,7 +89,7 @@ class WhisperLogMel(MediaProcessor):
         )
 
     def __call__(self, raw: Audio) -> torch.Tensor:
-        waveform = _waveform_16k(raw, "whisper")
+        waveform = waveform_16k(raw, "whisper")
         frames = -(-waveform.numel() // HOP)
         window = self.window_frames * HOP
         padded = F.pad(waveform, (0, -(-waveform.numel() // window) * window - waveform.numel()))

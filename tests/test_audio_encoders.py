@@ -25,13 +25,7 @@ from mmpost.tiny.audio import make_tiny_speech, make_tiny_whisper
 WINDOW = 200  # mel frames per window of the tiny Whisper (max_source_positions=100): 2 s, 32000 samples
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine waiting for them costs time.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
