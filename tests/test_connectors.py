@@ -201,3 +201,17 @@ def test_connector_dims_that_do_not_fit_fail_at_build_with_both_dims(tmp_path, m
         make_model("resampler", heads=3)
     with pytest.raises(RegistryError, match=r"unknown connector 'q_former'.*Registered: .*qformer, resampler, xattn"):
         CONNECTORS.build(name="q_former")
+
+
+def test_xattn_gradients_are_the_same_with_gradient_checkpointing(make_model, synth_dir):
+    samples = read_records(synth_dir / "sft.json", image_root=synth_dir / "images")[:4]
+    grads = []
+    for checkpointing in (False, True):
+        model = build(make_model, "xattn").train()
+        if checkpointing:  # the blocks run inside the checkpointed layer call and are recomputed
+            model.base_llm.gradient_checkpointing_enable()
+        batch = make_batch(model, samples)
+        model(batch["input_ids"], batch["attention_mask"], batch["media"], labels=batch["labels"]).loss_sum.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.connectors.parameters()]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
