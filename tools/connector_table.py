@@ -18,8 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,6 @@ class Row:
     parts: dict[str, tuple[str, str]]  # modality -> (encoder key, connector key)
     data: str  # "image", "audio" or "mixed": which files it trains and is evaluated on
     sft_epochs: int = 2
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 ROWS = [
@@ -73,7 +73,8 @@ ROWS = [
     *(Row(f"image-timm-{c}", {"image": ("timm", c)}, "image") for c in ("mlp", "xattn")),
     *(Row(f"audio-whisper-{c}", {"audio": ("whisper", c)}, "audio") for c in ("mlp", "qformer", "xattn")),
     *(Row(f"audio-wav2vec2-{c}", {"audio": ("wav2vec2", c)}, "audio") for c in ("mlp", "qformer", "xattn")),
-    Row("image+audio-clip+whisper-mlp", {"image": ("clip", "mlp"), "audio": ("whisper", "mlp")}, "mixed"),
+    # six tasks over two media, and the audio connector first trains in sft (align reads captions of images)
+    Row("image+audio-clip+whisper-mlp", {"image": ("clip", "mlp"), "audio": ("whisper", "mlp")}, "mixed", sft_epochs=4),
 ]
 # (align file, sft file, held-out file) under the data directory; None: no align stage
 DATA = {
@@ -171,6 +172,7 @@ def run_row(out: Path, row: Row) -> dict[str, Any]:
     from mmpost.stages import STAGES
 
     run = out / "rows" / row.name
+    shutil.rmtree(run, ignore_errors=True)  # a row runs from scratch (--rerun, or after an interruption)
     encoders, connectors, pretrain = {}, {}, {}
     for modality, (encoder_key, connector_key) in row.parts.items():
         encoders[modality], pretrain[encoder_key] = pretrained_encoder(out, encoder_key)
