@@ -24,6 +24,7 @@ from mmpost.config import to_dict
 from mmpost.data.loader import EpochBatchSampler, make_loader, read_source
 from mmpost.data.sample import DataError
 from mmpost.model.lmm import LMM, LossOutput
+from mmpost.training.accel import allow_unused_parameters
 from mmpost.training.checkpoint import load_trainer_state, save_checkpoint, set_rng_state
 from mmpost.training.evaluate import eval_accuracy, eval_loss, to_device
 from mmpost.training.metrics import MetricsLog
@@ -124,6 +125,7 @@ def fit(ctx: RunContext, model: LMM, parts: Sequence[str], loss_fn: LossFn = con
         model.base_llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer, scheduler = make_optimizer(model, t, parts, total)
     set_train_mode(model)
+    allow_unused_parameters(acc, len(model.modalities))
     wrapped, optimizer = acc.prepare(model, optimizer)
     metrics = MetricsLog(ctx.run_dir, enabled=acc.is_main_process)
     state = {"step": 0, "epoch": 0, "batch": 0, "seen": 0, "skipped": 0}

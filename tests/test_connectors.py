@@ -215,3 +215,19 @@ def test_xattn_gradients_are_the_same_with_gradient_checkpointing(make_model, sy
         grads.append(torch.cat([p.grad.flatten() for p in model.connectors.parameters()]))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_deep_copy_of_an_xattn_model_runs_its_own_blocks(make_model, questions):
+    import copy
+
+    model = build(make_model, "xattn")
+    batch = make_batch(model, questions)
+    args = (batch["input_ids"], batch["attention_mask"], batch["media"])
+    before = model(*args)
+    twin = copy.deepcopy(model)  # e.g. a frozen reference model for preference training
+    torch.testing.assert_close(twin(*args), before, rtol=0, atol=0)
+    open_gates(twin, 0.0)  # closing the copy's gates must not touch the original
+    assert torch.equal(model(*args), before)
+    bare = model.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)).logits  # fmt: skip
+    assert (twin(*args) - bare).abs().max() <= 1e-6

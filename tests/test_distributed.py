@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 from accelerate.utils import DistributedType
 
+import mmpost
 import mmpost.training.accel as accel
 from mmpost.config.schema import TrainConfig
 from mmpost.training.metrics import read_metrics
@@ -49,3 +50,40 @@ def test_refuses_processes_that_would_train_alone(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(accel.LaunchError, match="WORLD_SIZE=2 but accelerate runs 1 process"):
         accel.make_accelerator(TrainConfig())
+
+
+def test_two_processes_train_two_modalities_when_a_batch_lacks_one(make_model, run_config, tmp_path):
+    import json
+
+    import yaml
+
+    from mmpost.data.synth import synthesize
+    from mmpost.tiny.audio import make_tiny_whisper
+
+    media = tmp_path / "media"
+    synthesize(media, num_train=8, num_heldout=0, shard_size=8, modalities=("image", "audio"), progress=False)
+    images = [
+        {"messages": [{"role": "user", "content": r["conversations"][0]["value"]},
+                      {"role": "assistant", "content": r["conversations"][1]["value"]}],
+         "images": [f"images/{r['image']}"]}
+        for r in json.loads((media / "align.json").read_text())
+    ]  # fmt: skip
+    audios = json.loads((media / "audio_align.json").read_text())
+    (media / "both.json").write_text(json.dumps([x for pair in zip(images, audios, strict=True) for x in pair]))
+    model = make_model("mlp")
+    whisper = make_tiny_whisper(tmp_path / "whisper", d_model=32, layers=1, heads=4, max_source_positions=50)
+    model.add_modality("audio", mmpost.encoder("whisper", path=str(whisper)), mmpost.connector("mlp"))
+    model.save(tmp_path / "base")
+    cfg = run_config("two-media", data={"train": {"path": str(media / "both.json")}, "eval": None, "max_length": 384},
+                     train={"max_steps": 4, "batch_size": 1, "log_every": 1})  # fmt: skip
+    data = yaml.safe_load(cfg.read_text())
+    data["from"], data["model"] = str(tmp_path / "base"), {}
+    cfg.write_text(yaml.safe_dump(data))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+         "-m", "mmpost", "train", str(cfg)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [r for r in read_metrics(tmp_path / "two-media") if "loss" in r]
+    assert len(records) == 4 and records[-1]["data/skipped"] == 0

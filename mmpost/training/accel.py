@@ -46,3 +46,10 @@ def make_accelerator(train: TrainConfig) -> Accelerator:
             "ACCELERATE_USE_CPU=1"
         )
     return accelerator
+
+
+def allow_unused_parameters(accelerator: Accelerator, modalities: int) -> None:
+    """With several modalities a batch may hold no medium of one of them, whose connector then gets no
+    gradient; DDP must be told before it wraps the model, or it waits for that gradient forever."""
+    if modalities > 1 and accelerator.ddp_handler is None:
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
