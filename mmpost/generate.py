@@ -6,13 +6,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from accelerate.utils import send_to_device
 
 from mmpost.data.chat import Skipped
 from mmpost.data.loader import make_pipeline
 from mmpost.data.sample import PLACEHOLDERS, Sample
 from mmpost.model.io import load_lmm, resolve_model_dir
 from mmpost.model.lmm import LMM
+from mmpost.training.evaluate import to_device
 
 
 def answer(
@@ -53,14 +53,13 @@ def answer(
     item = process(sample)
     if isinstance(item, Skipped):
         raise ValueError(f"{item.where}: {item.reason}")
-    batch = collate([item])
-    device = next(model.parameters()).device
+    batch = to_device(collate([item]), next(model.parameters()).device)
     model.eval()
     with torch.no_grad():
         new = model.generate(
-            batch["input_ids"].to(device),
-            batch["attention_mask"].to(device),
-            send_to_device(batch["media"], device),
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["media"],
             max_new_tokens=max_new_tokens,
             **generate_kwargs,
         )

@@ -125,7 +125,7 @@ def fit(ctx: RunContext, model: LMM, parts: Sequence[str], loss_fn: LossFn = con
         model.base_llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer, scheduler = make_optimizer(model, t, parts, total)
     set_train_mode(model)
-    allow_unused_parameters(acc, len(model.modalities))
+    allow_unused_parameters(acc, parts, len(model.modalities))
     wrapped, optimizer = acc.prepare(model, optimizer)
     metrics = MetricsLog(ctx.run_dir, enabled=acc.is_main_process)
     state = {"step": 0, "epoch": 0, "batch": 0, "seen": 0, "skipped": 0}

@@ -38,18 +38,13 @@ def audio_encoders(tmp_path_factory) -> dict[str, dict]:
     whisper = make_tiny_whisper(root / "whisper", d_model=32, layers=1, heads=4, max_source_positions=50)
     specs = {"whisper": {"name": "whisper", "path": str(whisper)}}
     for kind in ("wav2vec2", "hubert"):
-        path, _ = make_tiny_speech(root / f"{kind}.safetensors", kind=kind)
-        specs[kind] = {"name": kind, "path": str(path), "config": None}
+        path, config = make_tiny_speech(root / f"{kind}.safetensors", kind=kind)
+        specs[kind] = {"name": kind, "path": str(path), "config": config}
     return specs
 
 
 def audio_model(llm_dir, spec: dict, connector: dict, seed: int = 0) -> mmpost.LMM:
     torch.manual_seed(seed)
-    spec = dict(spec)
-    if spec.get("config", 1) is None:  # torchaudio encoders: config from the tiny maker
-        from mmpost.tiny.audio import tiny_speech_config
-
-        spec["config"] = tiny_speech_config(spec["name"])
     encoder = mmpost.encoder(**spec)
     model = mmpost.LMM(str(llm_dir), {"audio": encoder}, {"audio": mmpost.connector(**connector)}).eval()
     if connector["name"] == "xattn":

@@ -87,6 +87,7 @@ MARKERS = ("<!-- connector-table:start -->", "<!-- connector-table:end -->")
 
 def build_base(out: Path) -> None:
     """Synthetic data and the tiny LLM (tokenizer trained on all of the data's text)."""
+    from mmpost.data.sources import read_records
     from mmpost.data.synth import synthesize
     from mmpost.tiny.llm import make_tiny_llm, make_tiny_tokenizer
 
@@ -94,11 +95,9 @@ def build_base(out: Path) -> None:
     if not (data / "synth.json").is_file():
         synthesize(data, num_train=4000, num_heldout=300, image_size=64, modalities=("image", "audio"))
     if not (out / "llm" / "config.json").is_file():
-        texts = []
-        for name in ("align.json", "sft.json", "audio_align.json", "audio_sft.json", "mixed_sft.json"):
-            for record in json.loads((data / name).read_text()):
-                turns = record.get("conversations") or record.get("messages")
-                texts += [turn.get("value") or turn.get("content") for turn in turns]
+        names = ("align.json", "sft.json", "audio_align.json", "audio_sft.json", "mixed_sft.json")
+        samples = [s for name in names for s in read_records(data / name, **image_root(data, name))]
+        texts = [message["content"] for sample in samples for message in sample.messages]
         tokenizer = make_tiny_tokenizer(out / "llm", texts)
         make_tiny_llm(out / "llm", tokenizer, hidden_size=128, layers=4, heads=4, kv_heads=2, intermediate_size=384)
 

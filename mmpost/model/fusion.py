@@ -57,14 +57,37 @@ class FusionState:
 
     media: dict[str, FusionMedia] = field(default_factory=dict)
     prompt_positions: torch.Tensor | None = None  # [B, T] position ids of the full prompt
+    # per modality, (position ids, batch size, media, allowed) of the last layer call: the layers of one
+    # forward (or one generation step) share their position ids, so the mask is built once for all
+    masks: dict[str, tuple] = field(default_factory=dict)
 
     @contextmanager
     def active(self, media: Mapping[str, FusionMedia], prompt_positions: torch.Tensor):
-        self.media, self.prompt_positions = dict(media), prompt_positions
+        self.media, self.prompt_positions, self.masks = dict(media), prompt_positions, {}
         try:
             yield
         finally:
-            self.media, self.prompt_positions = {}, None
+            self.media, self.prompt_positions, self.masks = {}, None, {}
+
+    def attention(self, modality: str, hidden: torch.Tensor, positions: torch.Tensor | None):
+        """The modality's media for ``hidden``'s batch, and which of them each position may attend to
+        (``[B, T, S]``), or None when this forward has none of its media."""
+        media = self.media.get(modality)
+        if media is None:
+            return None
+        cached = self.masks.get(modality)
+        if positions is not None and cached and cached[0] is positions and cached[1] == hidden.shape[0]:
+            return cached[2], cached[3]
+        key = positions
+        media = media.for_batch(hidden.shape[0])
+        if positions is None:  # decoders that do not pass position ids to their layers
+            if self.prompt_positions is not None and self.prompt_positions.shape[-1] == hidden.shape[1]:
+                positions = self.prompt_positions
+            else:  # decoding past the prompt: every medium precedes
+                positions = torch.full(hidden.shape[:2], torch.iinfo(torch.long).max, device=hidden.device)
+        allowed = media.valid[:, None, :] & (media.position[:, None, :] <= positions[..., None])  # [B, T, S]
+        self.masks[modality] = (key, hidden.shape[0], media, allowed)
+        return media, allowed
 
 
 def layout_media(
@@ -105,19 +128,11 @@ class FusionHook:
         self.state, self.modality, self.block = state, modality, block
 
     def __call__(self, layer: nn.Module, args: tuple, kwargs: dict[str, Any]):
-        media = self.state.media.get(self.modality)
-        if media is None:
-            return None
         hidden = args[0] if args else kwargs["hidden_states"]
-        media = media.for_batch(hidden.shape[0])
-        positions = kwargs.get("position_ids")
-        if positions is None:  # decoders that do not pass position ids to their layers
-            prompt = self.state.prompt_positions
-            if prompt is not None and prompt.shape[-1] == hidden.shape[1]:
-                positions = prompt
-            else:  # decoding past the prompt: every medium precedes
-                positions = torch.full(hidden.shape[:2], torch.iinfo(torch.long).max, device=hidden.device)
-        allowed = media.valid[:, None, :] & (media.position[:, None, :] <= positions[..., None])  # [B, T, S]
+        found = self.state.attention(self.modality, hidden, kwargs.get("position_ids"))
+        if found is None:
+            return None
+        media, allowed = found
         dtype = next(self.block.parameters()).dtype
         new = self.block(hidden.to(dtype), media.values.to(dtype), allowed).to(hidden.dtype)
         if args:

@@ -50,6 +50,11 @@ class LossOutput:
     num_tokens: int
 
 
+def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left- or right-padded batch: 0 at each sample's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def _count_error(modality: str, placeholders: int, num_media: int, tokens: str) -> ValueError:
     return ValueError(
         f"{modality}: {placeholders} placeholder tokens in the batch but {num_media} media with {tokens}; "
@@ -199,10 +204,11 @@ class LMM(nn.Module):
             connector = self.connectors[modality]
             out = self.features(modality, inputs)
             markers = input_ids == self.placeholder_ids[modality]  # [B, T]
+            num_markers = int(markers.sum())
             if isinstance(connector, FusionConnector):
                 values, mask = connector.media(out.features, out.mask)
-                if int(markers.sum()) != values.shape[0]:
-                    raise _count_error(modality, int(markers.sum()), values.shape[0], "1 marker token each")
+                if num_markers != values.shape[0]:
+                    raise _count_error(modality, num_markers, values.shape[0], "1 marker token each")
                 if position_ids is None:
                     position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
                 fused[modality] = fusion.layout_media(values, mask, markers, position_ids)
@@ -210,8 +216,8 @@ class LMM(nn.Module):
             tokens = connector(out.features, out.mask)  # [K, M, D]
             keep = connector.token_mask(out.mask)
             flat = tokens.reshape(-1, tokens.shape[-1]) if keep is None else tokens[keep]
-            if int(markers.sum()) != flat.shape[0]:
-                raise _count_error(modality, int(markers.sum()), tokens.shape[0], f"{flat.shape[0]} tokens in all")
+            if num_markers != flat.shape[0]:
+                raise _count_error(modality, num_markers, tokens.shape[0], f"{flat.shape[0]} tokens in all")
             embeds = embeds.masked_scatter(markers.unsqueeze(-1), flat.to(embeds.dtype))
         return embeds, fused
 
@@ -222,7 +228,7 @@ class LMM(nn.Module):
         media: Mapping[str, MediaBatch] | None = None,
     ) -> torch.Tensor:
         """Last hidden states ``[B, T, D]`` of the LLM's decoder for a (right- or left-) padded batch."""
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = positions_of(attention_mask)
         embeds, fused = self.embed(input_ids, media, position_ids)
         decoder = self.base_llm.get_decoder()
         with self.fusion_state.active(fused, position_ids):
@@ -274,7 +280,7 @@ class LMM(nn.Module):
         """
         if attention_mask[:, -1].min() == 0:
             raise ValueError("generate() needs left-padded prompts (pad on the left, last column all real tokens)")
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # what generate() computes too
+        position_ids = positions_of(attention_mask)  # what transformers' generate() computes too
         embeds, fused = self.embed(input_ids, media, position_ids)
         generate_kwargs.setdefault("do_sample", False)
         if self.base_llm.generation_config.eos_token_id is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 from accelerate import Accelerator
@@ -33,11 +34,7 @@ def make_accelerator(train: TrainConfig) -> Accelerator:
     # accumulation state instead of inheriting the previous run's, while the process group stays.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    # A trained encoder has layers past its feature layer (and post-norms) that get no gradient;
-    # DDP must be told, or it waits for their gradients forever.
-    trains_encoders = any(part.startswith("encoders") for part in train.trainable or [])
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if trains_encoders else []
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=handlers)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed)
     if world > 1 and (accelerator.num_processes != world or accelerator.distributed_type == DistributedType.NO):
         raise LaunchError(
             f"WORLD_SIZE={world} but accelerate runs {accelerator.num_processes} process(es) "
@@ -48,8 +45,13 @@ def make_accelerator(train: TrainConfig) -> Accelerator:
     return accelerator
 
 
-def allow_unused_parameters(accelerator: Accelerator, modalities: int) -> None:
-    """With several modalities a batch may hold no medium of one of them, whose connector then gets no
-    gradient; DDP must be told before it wraps the model, or it waits for that gradient forever."""
-    if modalities > 1 and accelerator.ddp_handler is None:
+def allow_unused_parameters(accelerator: Accelerator, parts: Sequence[str], modalities: int) -> None:
+    """Tells DDP, before it wraps the model, when some trained weights may get no gradient in a step;
+    otherwise it waits for those gradients forever.
+
+    That happens when encoders train (layers past the feature layer, post-norms) and when a model has
+    several modalities (a batch without one modality's media leaves its connector without gradient).
+    """
+    trains_encoders = any(part.startswith("encoders") for part in parts)
+    if trains_encoders or modalities > 1:
         accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
