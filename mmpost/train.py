@@ -42,9 +42,18 @@ def conversation_loss(model: torch.nn.Module, batch: dict[str, Any]) -> LossOutp
     return model(batch["input_ids"], batch["attention_mask"], batch["media"], labels=batch["labels"])
 
 
+def label_tokens(batch: dict[str, Any]) -> int:
+    """The units a conversation loss is normalised by: its label tokens."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
 def micro_batches(loader, sampler: EpochBatchSampler | None, state: dict[str, int]) -> Iterator[dict[str, Any]]:
     """Batches forever, epoch after epoch, from the position in ``state`` (epoch, batch), updating it."""
     while True:
+        if sampler is not None and state["batch"] >= sampler.batches_per_epoch():
+            # a checkpoint taken right after an epoch's last batch: resume at the next epoch
+            state["epoch"] += 1
+            state["batch"] = 0
         if sampler is not None:
             sampler.set_position(state["epoch"], state["batch"])
         batches = iter(loader)
@@ -97,8 +106,24 @@ class Evaluator:
         return record
 
 
-def fit(ctx: RunContext, model: LMM, parts: Sequence[str], loss_fn: LossFn = conversation_loss) -> dict[str, Any]:
+def fit(
+    ctx: RunContext,
+    model: LMM,
+    parts: Sequence[str],
+    loss_fn: LossFn = conversation_loss,
+    units: Callable[[dict[str, Any]], int] = label_tokens,
+    mode: str = "train",
+    evaluator: Any = None,
+) -> dict[str, Any]:
     """Trains ``parts`` of ``model`` on ``data.train``; writes metrics, checkpoints and ``final/``.
+
+    Args:
+        loss_fn: the stage's loss: a summed loss over a micro-batch and its per-unit stats.
+        units: what one micro-batch's loss is normalised by (label tokens; pairs for preference losses). The
+            loss of a step is the sum over its micro-batches and processes divided by their total units.
+        mode: how samples become batches (see ``SampleProcessor``): "train" or "pair".
+        evaluator: ``evaluator(model, step) -> metrics`` with an ``enabled`` flag; default: held-out loss and
+            generation accuracy on ``data.eval``.
 
     Returns:
         the run summary (also written to ``RUN/summary.json``): first and last evaluation, steps, time.
@@ -109,7 +134,7 @@ def fit(ctx: RunContext, model: LMM, parts: Sequence[str], loss_fn: LossFn = con
         log.info("trainable parameters (%s):\n%s", ", ".join(parts), table)
     train_samples = read_source(cfg.data.train, "data.train")
     loader, sampler = make_loader(
-        train_samples, cfg.data.train, model, cfg.data, t.batch_size, "train",
+        train_samples, cfg.data.train, model, cfg.data, t.batch_size, mode,
         acc.process_index, acc.num_processes, cfg.seed, shuffle=True,
     )  # fmt: skip
     if sampler is None and t.max_steps == 0:
@@ -120,7 +145,7 @@ def fit(ctx: RunContext, model: LMM, parts: Sequence[str], loss_fn: LossFn = con
             f"({t.batch_size} x {acc.num_processes} processes x {t.grad_accum} accumulation)"
         )
     total = t.max_steps or max(1, math.ceil(t.epochs * sampler.batches_per_epoch() / t.grad_accum))
-    evaluate = Evaluator(ctx, model)
+    evaluate = evaluator if evaluator is not None else Evaluator(ctx, model)
     if t.gradient_checkpointing:
         model.base_llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer, scheduler = make_optimizer(model, t, parts, total)
@@ -148,7 +173,7 @@ def fit(ctx: RunContext, model: LMM, parts: Sequence[str], loss_fn: LossFn = con
     while state["step"] < total:
         micro = [next(batches) for _ in range(t.grad_accum)]
         counts = torch.tensor(
-            [sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), sum(b["num_samples"] for b in micro),
+            [sum(units(b) for b in micro), sum(b["num_samples"] for b in micro),
              sum(len(b["skipped"]) for b in micro)],
             dtype=torch.float64, device=acc.device,
         )  # fmt: skip
@@ -157,6 +182,7 @@ def fit(ctx: RunContext, model: LMM, parts: Sequence[str], loss_fn: LossFn = con
         state["skipped"] += int(n_skipped)
         check_bad_fraction(state, cfg.data.max_bad_fraction, [r for b in micro for r in b["skipped"]])
         loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+        stats: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro):
             sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(wrapped)
             with sync:
@@ -166,6 +192,8 @@ def fit(ctx: RunContext, model: LMM, parts: Sequence[str], loss_fn: LossFn = con
                     # result the gradient of (summed loss / tokens of the whole step).
                     loss = out.loss_sum * acc.num_processes / max(n_tokens, 1.0)
                     loss_sum += out.loss_sum.detach().double()
+                    for key, value in out.stats.items():
+                        stats[key] = stats.get(key, 0.0) + value.detach().double()
                 else:  # every sample was skipped: a zero loss keeps the processes' backward passes in step
                     loss = sum(p.sum() * 0.0 for p in trainable)
                 acc.backward(loss)
@@ -192,7 +220,7 @@ def fit(ctx: RunContext, model: LMM, parts: Sequence[str], loss_fn: LossFn = con
                 "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": int(n_tokens),
                 "tokens_per_s": window["tokens"] * acc.num_processes / elapsed,
                 "samples_per_s": window["samples"] * acc.num_processes / elapsed,
-                "data/skipped": state["skipped"],
+                "data/skipped": state["skipped"], **step_means(stats, acc, n_tokens),
             })  # fmt: skip
             window = {"tokens": 0, "samples": 0, "time": time.perf_counter()}
         if evaluate.enabled and ((t.eval_every and step % t.eval_every == 0) or step == total):
@@ -204,6 +232,15 @@ def fit(ctx: RunContext, model: LMM, parts: Sequence[str], loss_fn: LossFn = con
     bar.close()
     check_bad_fraction(state, cfg.data.max_bad_fraction, [], final=True)
     return finish(ctx, model, state, evals, time.perf_counter() - started, metrics)
+
+
+def step_means(stats: dict[str, torch.Tensor], acc, units: float) -> dict[str, float]:
+    """Per-unit means of a step's summed stats over every process (keys in sorted order on every process)."""
+    if not stats:
+        return {}
+    keys = sorted(stats)
+    sums = acc.reduce(torch.stack([stats[k] for k in keys]), reduction="sum")
+    return {k: float(v) / max(units, 1.0) for k, v in zip(keys, sums.tolist(), strict=True)}
 
 
 def check_bad_fraction(state: dict[str, Any], limit: float, reasons: list[str], final: bool = False) -> None:

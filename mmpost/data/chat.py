@@ -86,9 +86,16 @@ class ChatEncoder:
             spans.append((start, len(upto)))
         return text, spans
 
-    def encode(self, sample: Sample, media_tokens: Mapping[str, Sequence[int]]) -> Encoded | Skipped:
-        """Tokenizes a training sample; ``media_tokens[modality][k]`` is ``M`` for its k-th medium."""
+    def encode(
+        self, sample: Sample, media_tokens: Mapping[str, Sequence[int]], last_turn_only: bool = False
+    ) -> Encoded | Skipped:
+        """Tokenizes a training sample; ``media_tokens[modality][k]`` is ``M`` for its k-th medium.
+
+        ``last_turn_only`` labels only the final assistant turn (a preference pair's answer), not earlier ones.
+        """
         text, spans = self.assistant_spans(sample)
+        if last_turn_only:
+            spans = spans[-1:]
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, labels = [], []
         for token_id, (start, _) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):

@@ -60,7 +60,9 @@ class SampleProcessor:
         processors: per modality, the encoder's media processor.
         count_tokens: ``(modality, input_shape) -> M`` (the LMM's ``media_tokens``).
         mode: "train" (ids with labels), "generate" (prompt up to the final assistant turn, which is kept
-            as the reference answer) or "prompt" (the whole conversation as a prompt).
+            as the reference answer), "prompt" (the whole conversation as a prompt, with the sample's fields
+            for reward functions) or "pair" (the conversation continued by ``chosen`` and by ``rejected``: two
+            labelled sequences sharing one copy of the media).
     """
 
     def __init__(
@@ -94,14 +96,55 @@ class SampleProcessor:
                 items.append(self.processors[modality](raw))
             media[modality] = items
         counts = {m: [self.count_tokens(m, tuple(x.shape)) for x in items] for m, items in media.items()}
-        encoded = self.chat.encode(sample, counts) if self.mode == "train" else self.chat.encode_prompt(sample, counts)
+        if self.mode == "pair":
+            encoded = self.encode_pair(sample, counts)
+        elif self.mode == "train":
+            encoded = self.chat.encode(sample, counts)
+        else:
+            encoded = self.chat.encode_prompt(sample, counts)
         if isinstance(encoded, Skipped):
             return encoded
         out: dict[str, Any] = {"id": sample.id, "encoded": encoded, "media": media}
         if self.mode == "generate":
             out["reference"] = sample.messages[-1]["content"]
             out["task"] = str(sample.meta.get("task", ""))
+        if self.mode == "prompt":
+            prompt = next((m["content"] for m in reversed(sample.messages) if m["role"] == "user"), "")
+            out["fields"] = {**sample.meta, "id": sample.id, "prompt": prompt}
         return out
+
+    def encode_pair(self, sample: Sample, counts: Mapping[str, Sequence[int]]) -> list[Encoded] | Skipped:
+        """The prompt continued by the chosen and by the rejected answer, labelled on that answer only."""
+        answers = []
+        for key in ("chosen", "rejected"):
+            answer = pair_answer(sample.meta.get(key))
+            if answer is None:
+                return Skipped(sample.where(), f"no {key!r} answer (a string, or one assistant message)")
+            answers.append(answer)
+        if answers[0] == answers[1]:
+            return Skipped(sample.where(), "chosen and rejected are identical: the pair prefers nothing")
+        if sample.messages and sample.messages[-1]["role"] == "assistant":
+            return Skipped(sample.where(), "a preference prompt must end with a user turn; the answers follow it")
+        pair = []
+        for answer in answers:
+            turn = Sample(sample.id, [*sample.messages, {"role": "assistant", "content": answer}], sample.media,
+                          sample.meta, sample.source)  # fmt: skip
+            encoded = self.chat.encode(turn, counts, last_turn_only=True)
+            if isinstance(encoded, Skipped):
+                return encoded
+            pair.append(encoded)
+        return pair
+
+
+def pair_answer(value: Any) -> str | None:
+    """A preference answer as text: a string, or TRL's conversational form ``[{"role": "assistant", ...}]``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        message = value[0]
+        if message.get("role") == "assistant" and isinstance(message.get("content"), str):
+            return message["content"]
+    return None
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -152,11 +195,14 @@ class Collator:
             "skipped": [f"{s.where}: {s.reason}" for s in skipped],
             "ids": [x["id"] for x in good],
         }
-        encoded: list[Encoded] = [x["encoded"] for x in good]
+        # a pair gives two rows per sample (chosen, rejected), which share the sample's media
+        encoded: list[Encoded] = [
+            e for x in good for e in (x["encoded"] if isinstance(x["encoded"], list) else [x["encoded"]])
+        ]
         width = max((len(e.input_ids) for e in encoded), default=0)
-        input_ids = torch.full((len(good), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(good), width), -100, dtype=torch.long)
-        attention_mask = torch.zeros((len(good), width), dtype=torch.long)
+        input_ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
         for row, e in enumerate(encoded):
             n = len(e.input_ids)
             cols = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
@@ -172,4 +218,7 @@ class Collator:
         if good and "reference" in good[0]:
             batch["references"] = [x["reference"] for x in good]
             batch["tasks"] = [x["task"] for x in good]
+        if good and "fields" in good[0]:
+            batch["fields"] = [x["fields"] for x in good]
+        batch["rows_per_sample"] = len(encoded) // len(good) if good else 1
         return batch

@@ -8,7 +8,8 @@ yellow) and writes:
 - instruction data for ``sft`` in the format of LLaVA's ``llava_v1_5_mix665k.json``, and the same samples
   again as webdataset shards;
 - held-out questions (colour, shape, count; balanced) in the ``messages`` JSONL format, with the answer kept
-  as ``task`` / ``answer`` fields for evaluation, and held-out captions.
+  as ``task`` / ``answer`` fields for evaluation, and held-out captions;
+- preference pairs for ``dpo`` and counting prompts with checkable answers for ``grpo`` (``synth_rl.py``).
 
 Shapes sit in distinct cells of a 3x3 grid with a little jitter in size and position and at least one
 background pixel between cells, so they never overlap or touch and a count is unambiguous; colours are
@@ -35,7 +36,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from mmpost.data import synth_audio
+from mmpost.data import synth_audio, synth_rl
 from mmpost.data.synth_files import MANIFEST, Drawn, balanced, clear_previous, write_json, write_jsonl, write_shards
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -157,6 +158,15 @@ def synthesize(
         heldout.jsonl                      messages format, one question per held-out image, with task/answer
         heldout_captions.json              LLaVA caption format, one record per held-out image
         shards/sft-000000.tar ...          the sft records as webdataset shards, shard_size per shard
+        pairs.json                         messages format, one preference pair per train image: a user-only
+                                           prompt, chosen / rejected replies and task (balanced)
+        pairs_heldout.jsonl                the same, one pair per held-out image
+        pair_shards/pairs-000000.tar ...   the pairs.json records as webdataset shards
+        count.json                         messages format, one user-only counting prompt per train image,
+                                           with task / answer
+        count_heldout.jsonl                one counting question per held-out image, with the reply as its
+                                           final assistant turn, and task / answer
+        count_shards/count-000000.tar ...  the count.json records as webdataset shards
 
     with ``"audio"`` (messages format; refs relative to ``out_dir``, so no image root is needed)::
 
@@ -175,15 +185,18 @@ def synthesize(
 
     and always ``synth.json``, this function's return value. A shard sample is ``<id>.png`` (``<id>.flac``) +
     ``<id>.json``; the json is ``{"id", "messages", "images": ["png"]}`` (``"audios": ["flac"]``), listing the
-    extension keys of the sample's media entries in placeholder order.
+    extension keys of the sample's media entries in placeholder order, plus the record's other keys (``chosen``,
+    ``rejected``, ``task``, ``answer``) in the pair and count shards.
 
     Args:
         out_dir: a new or empty directory, or one holding an earlier output (its files are replaced).
-        num_train: train images and clips (each gets one caption record and one instruction record).
-        num_heldout: held-out images and clips (each gets one question and one caption).
+        num_train: train images and clips (each gets one caption record and one instruction record, an image
+            also a preference pair and a counting prompt).
+        num_heldout: held-out images and clips (each gets one question and one caption, an image also a pair
+            and a counting question).
         image_size: image width and height in pixels, at least 32.
         seed: the seed of every random stream.
-        shard_size: sft samples per shard.
+        shard_size: samples per shard (sft, pairs, count).
         progress: show tqdm progress bars.
         modalities: what to write, ``"image"`` and / or ``"audio"``.
 
@@ -286,6 +299,8 @@ def _write_images(
         shards=shards,
         images=[f"images/{ref}" for _, ref, _ in train + heldout],
     )
+    choices = {"colour": tuple(COLOURS), "shape": SHAPES, "count": tuple(NUMBER_WORDS)}
+    synth_rl.write_rl(out, manifest, (train, heldout), choices, seed=seed, shard_size=shard_size)
     return train, heldout
 
 

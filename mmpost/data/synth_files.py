@@ -1,4 +1,4 @@
-"""File writing shared by the synthetic data generators (``synth.py``, ``synth_audio.py``).
+"""File writing shared by the synthetic data generators (``synth.py``, ``synth_audio.py``, ``synth_rl.py``).
 
 Everything here writes deterministic bytes: JSON with a fixed layout, tar shards with ``mtime=0`` and
 pre-encoded entries. ``clear_previous`` removes an earlier output by its manifest, so a smaller or
@@ -40,25 +40,34 @@ def write_jsonl(path: Path, lines: list[dict[str, Any]]) -> None:
 
 
 def write_shards(
-    out: Path, folder: str, records: list[dict[str, Any]], media: list[bytes], modality: str, ext: str, shard_size: int
+    out: Path,
+    folder: str,
+    records: list[dict[str, Any]],
+    media: list[bytes],
+    modality: str,
+    ext: str,
+    shard_size: int,
+    prefix: str = "sft",
 ) -> list[str]:
     """Writes messages records with one medium each as shards of ``<id>.<ext>`` + ``<id>.json``.
 
-    The json is ``{"id", "messages", "<modality>s": [ext]}``: the medium's refs are replaced by the extension
-    key of its tar entry.
+    The json is the record with its ``"<modality>s"`` refs, if any, replaced by ``[ext]``, the extension key of
+    the tar entry, as its last key: ``{"id", "messages", ..., "<modality>s": [ext]}``. Other keys (``task``,
+    ``answer``, ``chosen``, ...) stay as they are.
 
     Returns:
-        The shard names relative to ``out``: ``<folder>/sft-000000.tar`` ...
+        The shard names relative to ``out``: ``<folder>/<prefix>-000000.tar`` ...
     """
     (out / folder).mkdir(exist_ok=True)
+    refs_key = f"{modality}s"
     names = []
     for k, start in enumerate(range(0, len(records), shard_size)):
-        name = f"{folder}/sft-{k:06d}.tar"
+        name = f"{folder}/{prefix}-{k:06d}.tar"
         # mtime=0 and pre-encoded bytes (encoder=False) keep the tar byte-identical across runs.
         with wds.TarWriter(str(out / name), encoder=False, mtime=0) as writer:
             chunk = zip(records[start : start + shard_size], media[start : start + shard_size], strict=True)
             for record, blob in chunk:
-                meta = {"id": record["id"], "messages": record["messages"], f"{modality}s": [ext]}
+                meta = {**{n: v for n, v in record.items() if n != refs_key}, refs_key: [ext]}
                 writer.write({"__key__": record["id"], ext: blob, "json": json.dumps(meta).encode("utf-8")})
         names.append(name)
     return names

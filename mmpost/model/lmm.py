@@ -13,7 +13,7 @@ The LLM is composed, never patched: mmpost calls ``get_input_embeddings()``, ``g
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -39,15 +39,18 @@ IGNORE = -100
 
 @dataclass
 class LossOutput:
-    """Summed token cross-entropy and the number of tokens it covers (normalised by the caller).
+    """A summed loss and how many units it covers (normalised by the caller).
 
     Attributes:
-        loss_sum: scalar, sum of per-token cross-entropy over label positions.
-        num_tokens: number of label positions.
+        loss_sum: scalar, sum of the per-unit loss (per label token for cross-entropy, per pair for DPO).
+        num_tokens: number of units.
+        stats: further per-unit quantities, summed like the loss, that the training loop logs as step means
+            (``rewards/chosen``, ``logps/rejected``...).
     """
 
     loss_sum: torch.Tensor
     num_tokens: int
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -193,17 +196,26 @@ class LMM(nn.Module):
         input_ids: torch.Tensor,
         media: Mapping[str, MediaBatch] | None = None,
         position_ids: torch.Tensor | None = None,
+        media_repeat: int = 1,
     ) -> tuple[torch.Tensor, dict[str, FusionMedia]]:
         """Text embeddings ``[B, T, D]`` with token connectors' media tokens in their placeholder
-        positions, and the fusion connectors' media laid out per sample (for the blocks)."""
+        positions, and the fusion connectors' media laid out per sample (for the blocks).
+
+        ``media_repeat`` r > 1 says rows come in groups of r that share their media (rows ``b*r .. b*r+r-1``
+        hold sample b's media: a preference pair's two answers, a prompt's G samples): the media of the
+        ``B / r`` samples are encoded and connected once and reused by every row of their group.
+        """
         embeds = self.llm.get_input_embeddings()(input_ids)  # [B, T, D]
+        if input_ids.shape[0] % media_repeat:
+            raise ValueError(f"media_repeat={media_repeat} does not divide the batch of {input_ids.shape[0]} rows")
         fused: dict[str, FusionMedia] = {}
         for modality, inputs in (media or {}).items():
             if inputs is None or media_count(inputs) == 0:
                 continue
             connector = self.connectors[modality]
             out = self.features(modality, inputs)
-            markers = input_ids == self.placeholder_ids[modality]  # [B, T]
+            all_markers = input_ids == self.placeholder_ids[modality]  # [B, T]
+            markers = all_markers[::media_repeat]  # the first row of each group: [B / r, T]
             num_markers = int(markers.sum())
             if isinstance(connector, FusionConnector):
                 values, mask = connector.media(out.features, out.mask)
@@ -211,14 +223,20 @@ class LMM(nn.Module):
                     raise _count_error(modality, num_markers, values.shape[0], "1 marker token each")
                 if position_ids is None:
                     position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-                fused[modality] = fusion.layout_media(values, mask, markers, position_ids)
+                laid_out = fusion.layout_media(values, mask, markers, position_ids[::media_repeat])
+                fused[modality] = laid_out.for_batch(input_ids.shape[0])
                 continue
             tokens = connector(out.features, out.mask)  # [K, M, D]
             keep = connector.token_mask(out.mask)
             flat = tokens.reshape(-1, tokens.shape[-1]) if keep is None else tokens[keep]
             if num_markers != flat.shape[0]:
                 raise _count_error(modality, num_markers, tokens.shape[0], f"{flat.shape[0]} tokens in all")
-            embeds = embeds.masked_scatter(markers.unsqueeze(-1), flat.to(embeds.dtype))
+            if media_repeat > 1:  # each sample's tokens once per row of its group, in row-major order
+                per_sample = flat.split(markers.sum(-1).tolist())
+                flat = torch.cat([chunk for chunk in per_sample for _ in range(media_repeat)])
+                if int(all_markers.sum()) != flat.shape[0]:
+                    raise ValueError(f"{modality}: the rows of a media_repeat group have different placeholder counts")
+            embeds = embeds.masked_scatter(all_markers.unsqueeze(-1), flat.to(embeds.dtype))
         return embeds, fused
 
     def hidden_states(
@@ -226,10 +244,12 @@ class LMM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         media: Mapping[str, MediaBatch] | None = None,
+        media_repeat: int = 1,
     ) -> torch.Tensor:
-        """Last hidden states ``[B, T, D]`` of the LLM's decoder for a (right- or left-) padded batch."""
+        """Last hidden states ``[B, T, D]`` of the LLM's decoder for a (right- or left-) padded batch
+        (``media_repeat`` as in ``embed``)."""
         position_ids = positions_of(attention_mask)
-        embeds, fused = self.embed(input_ids, media, position_ids)
+        embeds, fused = self.embed(input_ids, media, position_ids, media_repeat)
         decoder = self.base_llm.get_decoder()
         with self.fusion_state.active(fused, position_ids):
             out = decoder(
@@ -251,18 +271,39 @@ class LMM(nn.Module):
         attention_mask: torch.Tensor,
         media: Mapping[str, MediaBatch] | None = None,
         labels: torch.Tensor | None = None,
+        media_repeat: int = 1,
+        logprobs: bool = False,
+        temperature: float = 1.0,
     ) -> LossOutput | torch.Tensor:
         """With ``labels`` (aligned with ``input_ids``, -100 where ignored): summed next-token CE over the
-        label positions only. Without: full logits ``[B, T, V]``.
+        label positions only, or with ``logprobs`` the label tokens' log-probabilities ``[B, T-1]`` (entry t
+        for token t + 1, 0 where unlabelled; logits divided by ``temperature`` first). Without: full logits
+        ``[B, T, V]``. Logits are computed at label positions only. ``media_repeat`` as in ``embed``.
+
+        One method serves every stage so that a distributed wrapper (DDP) sees each loss's forward.
         """
-        hidden = self.hidden_states(input_ids, attention_mask, media)
+        hidden = self.hidden_states(input_ids, attention_mask, media, media_repeat)
         if labels is None:
             return self.logits_from_hidden(hidden)
         targets = labels[:, 1:]  # position t predicts token t + 1
         keep = targets != IGNORE  # [B, T-1]
         logits = self.logits_from_hidden(hidden[:, :-1][keep])  # [N, V]
-        loss_sum = cross_entropy_sum(logits, targets[keep])
-        return LossOutput(loss_sum=loss_sum, num_tokens=int(keep.sum()))
+        if not logprobs:
+            return LossOutput(loss_sum=cross_entropy_sum(logits, targets[keep]), num_tokens=int(keep.sum()))
+        picked = (logits.float() / temperature).log_softmax(-1).gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
+        return torch.zeros(keep.shape, dtype=picked.dtype, device=picked.device).masked_scatter(keep, picked)
+
+    def token_logprobs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        media: Mapping[str, MediaBatch] | None,
+        labels: torch.Tensor,
+        media_repeat: int = 1,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Log-probabilities of the label tokens ``[B, T-1]`` (``forward`` with ``logprobs=True``)."""
+        return self(input_ids, attention_mask, media, labels, media_repeat, logprobs=True, temperature=temperature)
 
     @torch.no_grad()
     def generate(
@@ -271,28 +312,72 @@ class LMM(nn.Module):
         attention_mask: torch.Tensor,
         media: Mapping[str, MediaBatch] | None = None,
         max_new_tokens: int = 32,
+        num_samples: int = 1,
+        share_prefill: bool = True,
         **generate_kwargs,
     ) -> torch.Tensor:
         """Continues left-padded prompts with the LLM's ``generate`` (KV cache on); returns new tokens only.
 
-        ``generate_kwargs`` go to transformers' ``generate`` (``do_sample``, ``temperature``, ``top_p``...);
-        decoding is greedy by default.
+        Args:
+            num_samples: continuations per prompt; rows ``b*G .. b*G+G-1`` of the result continue prompt b.
+            share_prefill: with ``num_samples`` > 1, run the prompt (media and text) through the LLM once per
+                prompt and give its KV cache to the G continuations, instead of letting ``generate`` repeat
+                each prompt G times and prefill every copy. Both give the same tokens (greedy decoding).
+            generate_kwargs: go to transformers' ``generate`` (``do_sample``, ``temperature``, ``top_p``...);
+                decoding is greedy by default.
+
+        Returns:
+            ``[B * num_samples, L]`` new tokens, padded with the pad id after a sequence ends.
         """
         if attention_mask[:, -1].min() == 0:
             raise ValueError("generate() needs left-padded prompts (pad on the left, last column all real tokens)")
         position_ids = positions_of(attention_mask)  # what transformers' generate() computes too
         embeds, fused = self.embed(input_ids, media, position_ids)
         generate_kwargs.setdefault("do_sample", False)
+        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         if self.base_llm.generation_config.eos_token_id is None:
             generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
-        with self.fusion_state.active(fused, position_ids):
+        if num_samples > 1 and share_prefill:
+            return self._generate_shared(input_ids, attention_mask, embeds, fused, max_new_tokens, num_samples,
+                                         generate_kwargs)  # fmt: skip
+        if num_samples > 1:  # every prompt repeated G times and prefilled G times (transformers' own way)
+            embeds = embeds.repeat_interleave(num_samples, dim=0)
+            attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
+        with self.fusion_state.active(fused, positions_of(attention_mask)):
             return self.llm.generate(
-                inputs_embeds=embeds,
-                attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
-                **generate_kwargs,
+                inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **generate_kwargs
             )
+
+    def _generate_shared(self, input_ids, attention_mask, embeds, fused, max_new_tokens, num_samples, kwargs):
+        """``generate`` with the prompt prefilled once per prompt and its KV cache repeated for the samples.
+
+        All prompt tokens but the last run through the decoder here on the ``B`` prompts (media included);
+        the cache is repeated ``G`` times along the batch and handed to transformers' ``generate`` with the
+        repeated token ids, so ``generate`` computes only the last prompt token (always text: the generation
+        prompt) and the new ones. This is transformers' documented prefix-cache reuse.
+        """
+        from transformers import DynamicCache
+
+        if any(bool((input_ids[:, -1] == p).any()) for p in self.placeholder_ids.values()):
+            raise ValueError("a prompt ending in a media placeholder cannot share its prefill")
+        position_ids = positions_of(attention_mask)
+        cache = DynamicCache(config=self.base_llm.config)
+        with self.fusion_state.active(fused, position_ids[:, :-1]):
+            self.base_llm.get_decoder()(
+                inputs_embeds=embeds[:, :-1],
+                attention_mask=attention_mask[:, :-1],
+                position_ids=position_ids[:, :-1],
+                past_key_values=cache,
+                use_cache=True,
+            )
+        cache.batch_repeat_interleave(num_samples)
+        ids = input_ids.repeat_interleave(num_samples, dim=0)
+        mask = attention_mask.repeat_interleave(num_samples, dim=0)
+        with self.fusion_state.active(fused, positions_of(mask)):
+            out = self.llm.generate(
+                input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=max_new_tokens, **kwargs
+            )
+        return out[:, ids.shape[1] :]
 
     # ----------------------------------------------------------------- save / load
 

@@ -9,3 +9,4 @@ from mmpost.registry import Registry
 STAGES = Registry("stage")
 STAGES.add("align", "mmpost.stages.align:Align")
 STAGES.add("sft", "mmpost.stages.sft:SFT")
+STAGES.add("dpo", "mmpost.stages.dpo:DPO")

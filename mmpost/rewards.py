@@ -1,0 +1,252 @@
+"""Verifiable rewards for the GRPO stage: the built-in ones, custom ones by dotted path, and their weighted sum.
+
+A reward is a plain function of one completion and the fields of its data record::
+
+    def brevity(completion: str, max_chars: int = 400, **fields) -> float:
+        return 1.0 if len(completion) <= max_chars else 0.0
+
+It is called as ``fn(completion, **kwargs, **fields)``: ``kwargs`` come from the config, ``fields`` are the
+sample's record (``id``, ``prompt``, ``answer``, ``task``, ... whatever the data had), passed by keyword. A custom
+reward must therefore accept ``**fields`` and pick out the ones it needs by name. It returns a real number
+(``bool`` counts as 0/1); anything else, NaN or infinity included, is an error naming the reward and the sample.
+A config lists the rewards and their weights; the total is ``sum_i weight_i * r_i``::
+
+    rewards:
+      - {name: accuracy, weight: 1.0}
+      - {name: format, weight: 0.2}
+      - {name: mypkg.rewards.brevity, weight: 0.1, kwargs: {max_chars: 300}}
+
+Built-in names are exact keys of ``REWARDS``; anything else must be a dotted path (``mypkg.rewards.brevity`` or
+``mypkg.rewards:brevity``). Every function is resolved when the ``RewardSet`` is built, so a misspelt name fails
+at start, before any model is loaded.
+
+Departure from the R1-style recipe: ``accuracy`` is exact match after light normalisation (numbers compared as
+numbers, text case-insensitively), with no symbolic equivalence: ``1/2`` and ``0.5`` do not match.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import math
+import numbers
+import re
+import string
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+RewardFn = Callable[..., Any]
+
+
+class RewardError(ValueError):
+    """A reward that cannot be resolved, a bad reward config, or a reward that failed on a sample."""
+
+
+# An <answer> span holding no other <answer> tag, so "<answer>a<answer>b</answer>" yields "b".
+_ANSWER = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
+_FORMAT = re.compile(
+    r"\s*<think>(?:(?!</?think>).)*</think>\s*<answer>(?:(?!</?answer>).)*</answer>\s*",
+    re.DOTALL,
+)
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+# Punctuation that may surround a number ("(3)", "$5", "3!"); signs and the decimal point belong to it.
+_AROUND_NUMBER = "".join(c for c in string.punctuation if c not in "+-.") + string.whitespace
+
+
+def answer_span(completion: str) -> str | None:
+    """The stripped text of the last ``<answer>...</answer>`` span in ``completion``, or None if there is none."""
+    spans = _ANSWER.findall(completion)
+    return spans[-1].strip() if spans else None
+
+
+def _as_number(text: str) -> float | None:
+    text = text.strip(_AROUND_NUMBER)
+    if len(text) > 1 and text.endswith("."):  # "3." ends a sentence
+        text = text[:-1]
+    return float(text) if _NUMBER.fullmatch(text) else None
+
+
+def _normalise_text(text: str) -> str:
+    return " ".join(text.casefold().split()).rstrip(".!?").strip()
+
+
+def accuracy(completion: str, answer: Any = None, strict: bool = False, **fields: Any) -> float:
+    """1.0 if the completion's answer equals the reference ``answer``, else 0.0.
+
+    The completion's answer is its last ``<answer>`` span; without one it is the whole completion, or
+    nothing (reward 0.0) when ``strict``. If both sides are numbers (digits with an optional sign and decimal
+    point, surrounding punctuation ignored: ``" 3."``, ``"(3)"``, ``"03"`` and ``"3.0"`` all equal ``3``) they are
+    compared with a relative tolerance of 1e-6. Otherwise both are compared case-insensitively, with runs of
+    whitespace collapsed and trailing ``.``, ``!``, ``?`` dropped (``"Red."`` equals ``"red"``).
+
+    Args:
+        completion: the model's generated text.
+        answer: the reference answer from the data record (a string or a number).
+        strict: score 0.0 when the completion has no ``<answer>`` span.
+        **fields: the record's other fields, unused.
+
+    Returns:
+        1.0 or 0.0.
+
+    Raises:
+        RewardError: if the record has no ``answer`` field, or an empty one.
+    """
+    if answer is None or not str(answer).strip():
+        raise RewardError(
+            "the accuracy reward compares against a reference, so the data needs an `answer` field "
+            f"in every record (got {answer!r})"
+        )
+    predicted = answer_span(completion)
+    if predicted is None:
+        if strict:
+            return 0.0
+        predicted = completion
+    reference = str(answer)
+    pred_num, ref_num = _as_number(predicted), _as_number(reference)
+    if pred_num is not None and ref_num is not None:
+        return float(math.isclose(pred_num, ref_num, rel_tol=1e-6))
+    return float(_normalise_text(predicted) == _normalise_text(reference))
+
+
+def format_reward(completion: str, **fields: Any) -> float:
+    """1.0 when the completion is exactly ``<think>...</think>`` then ``<answer>...</answer>``, else 0.0.
+
+    Whitespace is allowed before, between and after the two blocks; the blocks may span lines but may not
+    contain another tag of their own kind (so a second ``<answer>`` block scores 0.0).
+    """
+    return float(_FORMAT.fullmatch(completion) is not None)
+
+
+REWARDS: dict[str, RewardFn] = {"accuracy": accuracy, "format": format_reward}
+
+
+@dataclass
+class RewardSpec:
+    """One reward in a config: a built-in name or a dotted path, its weight, and keyword arguments for it."""
+
+    name: str
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_reward(name: str) -> RewardFn:
+    """The function for a built-in name in ``REWARDS`` or a dotted path (``pkg.mod.fn`` or ``pkg.mod:fn``).
+
+    Raises:
+        RewardError: if the name is unknown, its module fails to import, or it names no callable.
+    """
+    if name in REWARDS:
+        return REWARDS[name]
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+    elif "." in name:
+        module_name, _, attr = name.rpartition(".")
+    else:
+        close = difflib.get_close_matches(name, sorted(REWARDS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise RewardError(
+            f"unknown reward {name!r}.{hint} Built-in: {', '.join(sorted(REWARDS))}; "
+            "a custom reward is given by dotted path, e.g. 'mypkg.rewards.brevity'"
+        )
+    if not module_name or not attr:
+        raise RewardError(f"reward {name!r} must look like 'package.module.function' or 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # a module that raises while importing is as unusable as a missing one
+        raise RewardError(f"reward {name!r}: module {module_name!r} does not import ({type(e).__name__}: {e})") from e
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise RewardError(f"reward {name!r}: module {module_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise RewardError(f"reward {name!r}: {module_name}.{attr} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def _as_spec(spec: RewardSpec | Mapping[str, Any]) -> RewardSpec:
+    if isinstance(spec, Mapping):
+        unknown = sorted(set(spec) - {"name", "weight", "kwargs"})
+        if unknown:
+            raise RewardError(f"reward entry {dict(spec)!r} has unknown key(s) {unknown}; valid: name, weight, kwargs")
+        if "name" not in spec:
+            raise RewardError(f"reward entry {dict(spec)!r} has no `name`")
+        spec = RewardSpec(**spec)
+    if not isinstance(spec, RewardSpec):
+        raise RewardError(f"a reward is a RewardSpec or a mapping with name/weight/kwargs, got {spec!r}")
+    if not isinstance(spec.name, str) or not spec.name:
+        raise RewardError(f"reward name must be a non-empty string, got {spec.name!r}")
+    weight = spec.weight
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
+        raise RewardError(f"reward {spec.name!r}: weight must be a finite number, got {weight!r}")
+    if not isinstance(spec.kwargs, Mapping):
+        raise RewardError(f"reward {spec.name!r}: kwargs must be a mapping, got {spec.kwargs!r}")
+    return RewardSpec(spec.name, float(weight), dict(spec.kwargs))
+
+
+class RewardSet:
+    """A weighted sum of rewards, every function resolved at construction.
+
+    Args:
+        specs: ``RewardSpec`` objects or mappings with keys ``name``, ``weight`` and ``kwargs``.
+
+    Raises:
+        RewardError: for an empty list, an unknown key, a bad weight, a name listed twice, or a name that does
+            not resolve (see ``resolve_reward``).
+    """
+
+    def __init__(self, specs: Sequence[RewardSpec | Mapping[str, Any]]) -> None:
+        if not specs:
+            raise RewardError("no rewards configured; list at least one, e.g. [{name: accuracy}]")
+        self.specs = [_as_spec(s) for s in specs]
+        self.names = [s.name for s in self.specs]
+        twice = sorted({n for n in self.names if self.names.count(n) > 1})
+        if twice:
+            raise RewardError(f"reward(s) {twice} listed twice; each name may appear once")
+        self.fns = [resolve_reward(s.name) for s in self.specs]
+
+    def __call__(
+        self, completions: Sequence[str], samples: Sequence[Mapping[str, Any]]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scores each completion against its sample.
+
+        Args:
+            completions: ``N`` generated texts.
+            samples: ``N`` data records, one per completion, passed to each reward as keyword arguments.
+
+        Returns:
+            ``(total, per_reward)``: the weighted sum ``[N]`` float32, and each reward's raw values ``[N]``
+            float32 by name.
+
+        Raises:
+            RewardError: if the lengths differ, a reward raises (chained), or a reward returns something that
+                is not a finite real number; the message names the reward and the sample's ``id``.
+        """
+        if len(completions) != len(samples):
+            raise RewardError(f"{len(completions)} completions but {len(samples)} samples")
+        per_reward: dict[str, torch.Tensor] = {}
+        total = torch.zeros(len(completions), dtype=torch.float32)
+        for spec, fn in zip(self.specs, self.fns, strict=True):
+            values = [self._score(spec, fn, c, s) for c, s in zip(completions, samples, strict=True)]
+            per_reward[spec.name] = torch.tensor(values, dtype=torch.float32)  # [N]
+            total += spec.weight * per_reward[spec.name]
+        return total, per_reward
+
+    @staticmethod
+    def _score(spec: RewardSpec, fn: RewardFn, completion: str, sample: Mapping[str, Any]) -> float:
+        sample_id = sample.get("id")
+        clash = sorted(spec.kwargs.keys() & sample.keys())
+        if clash:
+            raise RewardError(
+                f"reward {spec.name!r}: kwargs {clash} are also fields of sample {sample_id!r}; rename one"
+            )
+        try:
+            value = fn(completion, **spec.kwargs, **sample)
+        except Exception as e:
+            raise RewardError(f"reward {spec.name!r} failed on sample {sample_id!r}: {type(e).__name__}: {e}") from e
+        if not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise RewardError(
+                f"reward {spec.name!r} returned {value!r} for sample {sample_id!r}; a reward must be a finite number"
+            )
+        return float(value)

@@ -1,0 +1,137 @@
+"""The dpo stage on tiny models: the first step's loss is the loss at policy == reference, the preference is
+learnt, the reference is right in every configuration (copy, adapters off, precomputed, resumed), media are
+encoded once per pair, and bad pairs are skipped and counted or refused before any model loads."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import mmpost
+import mmpost.train
+from mmpost.cli import main
+from mmpost.training.metrics import read_metrics
+
+
+def train_lines(run: Path) -> list[dict]:
+    return [r for r in read_metrics(run) if "loss" in r]
+
+
+@pytest.fixture
+def dpo_config(run_config, tmp_path, synth_dir):
+    """A dpo run starting from a short sft run on the synthetic pairs (written once per test)."""
+    images = str(synth_dir / "images")
+    sft = run_config("sft", stage="sft", train={"max_steps": 4},
+                     data={"train": {"path": str(synth_dir / "sft.json"), "image_root": images}})  # fmt: skip
+    assert main(["train", str(sft)]) == 0
+
+    def write(name: str = "dpo", stage: dict | None = None, **sections):
+        data = {
+            # 16 pairs seen again and again: a preference a tiny model learns within a few steps
+            "train": {"path": str(synth_dir / "pairs.json"), "image_root": images, "max_samples": 16},
+            "eval": {"path": str(synth_dir / "pairs_heldout.jsonl"), "image_root": images},
+            **sections.pop("data", {}),
+        }
+        train = {"lr": 1e-3, "max_steps": 8, "batch_size": 8, **sections.pop("train", {})}
+        return run_config(name, stage={"name": "dpo", **(stage or {})}, data=data, train=train,
+                          model={"llm": {}, "encoders": {}, "connectors": {}, **sections.pop("model", {})},
+                          **{"from": str(tmp_path / "sft"), **sections})  # fmt: skip
+
+    return write
+
+
+def test_dpo_learns_the_preference_and_starts_at_log_2(dpo_config, tmp_path):
+    assert main(["train", str(dpo_config(stage={"beta": 2.0}, train={"max_steps": 48, "lr": 2e-3}))]) == 0
+    lines = train_lines(tmp_path / "dpo")
+    assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at the first step
+    assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-4)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
+                "logps/rejected"):  # fmt: skip
+        assert key in lines[0]
+    assert sum(r["loss"] for r in lines[-8:]) / 8 < 0.7 * lines[0]["loss"]
+    before = json.loads((tmp_path / "dpo" / "summary.json").read_text())["eval_before"]
+    assert before["eval/loss"] == pytest.approx(math.log(2), abs=1e-5)  # held-out pairs, same reference rule
+    for key in ("eval/preference_accuracy", "eval/logps/chosen", "eval/logps/rejected", "eval/rewards/margin"):
+        assert key in before
+
+
+@pytest.mark.parametrize("variant", ["lora", "precompute", "simpo", "ipo"])
+def test_dpo_variants_train(dpo_config, tmp_path, variant, caplog):
+    stage, model = {"beta": 0.5}, {}
+    if variant == "lora":
+        model = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}
+    elif variant == "precompute":
+        stage["precompute_reference"] = True
+    else:
+        stage["loss_type"] = variant
+    caplog.set_level("INFO", logger="mmpost")
+    assert main(["train", str(dpo_config(stage=stage, model=model, train={"max_steps": 24, "lr": 2e-3}))]) == 0
+    lines = train_lines(tmp_path / "dpo")
+    assert sum(r["loss"] for r in lines[-8:]) / 8 < lines[0]["loss"]
+    if variant == "lora":
+        assert "adapters disabled" in caplog.text
+        assert mmpost.load(tmp_path / "dpo" / "final").has_lora
+    if variant in ("lora", "precompute"):
+        assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    if variant == "simpo":
+        assert "kl" not in lines[0] and "reference:" not in caplog.text
+
+
+def test_precomputed_reference_gives_the_same_run(dpo_config, tmp_path):
+    assert main(["train", str(dpo_config("live"))]) == 0
+    assert main(["train", str(dpo_config("pre", stage={"precompute_reference": True}))]) == 0
+    live, pre = train_lines(tmp_path / "live"), train_lines(tmp_path / "pre")
+    for a, b in zip(live, pre, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_dpo_resume_continues_the_same_loss_curve(dpo_config, tmp_path, monkeypatch, lora):
+    model = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}} if lora else {}
+    train = {"max_steps": 10, "save_every": 4}
+    assert main(["train", str(dpo_config("straight", train=train, model=model))]) == 0
+    original = mmpost.train.save_checkpoint
+
+    def crash_after_step_8(*args, **kwargs):
+        path = original(*args, **kwargs)
+        if path.name == "step-8":
+            raise KeyboardInterrupt("simulated crash")
+        return path
+
+    cfg = dpo_config("interrupted", train=train, model=model)
+    monkeypatch.setattr(mmpost.train, "save_checkpoint", crash_after_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", str(cfg)])
+    monkeypatch.setattr(mmpost.train, "save_checkpoint", original)
+    assert main(["train", str(cfg), "--resume"]) == 0
+    straight = [(r["step"], round(r["loss"], 6)) for r in train_lines(tmp_path / "straight")]
+    resumed = [(r["step"], round(r["loss"], 6)) for r in train_lines(tmp_path / "interrupted")]
+    assert resumed == straight
+
+
+def test_identical_answers_are_skipped_and_counted(dpo_config, tmp_path, synth_dir, capsys):
+    records = json.loads((synth_dir / "pairs.json").read_text())
+    for record in records[:3]:
+        record["rejected"] = record["chosen"]
+    (tmp_path / "pairs.json").write_text(json.dumps(records))
+    data = {"train": {"path": str(tmp_path / "pairs.json"), "image_root": str(synth_dir / "images")}}
+    cfg = dpo_config(data=data, train={"max_steps": 12})
+    assert main(["train", str(cfg), "--set", "data.max_bad_fraction=0.1"]) == 0
+    summary = json.loads((tmp_path / "dpo" / "summary.json").read_text())
+    assert summary["samples_skipped"] == 3
+    assert "chosen and rejected are identical" in (tmp_path / "dpo" / "train.log").read_text()
+
+
+def test_a_pair_without_rejected_fails_before_loading_a_model(dpo_config, tmp_path, synth_dir, capsys, monkeypatch):
+    records = json.loads((synth_dir / "pairs.json").read_text())
+    del records[5]["rejected"]
+    (tmp_path / "pairs.json").write_text(json.dumps(records))
+    data = {"train": {"path": str(tmp_path / "pairs.json"), "image_root": str(synth_dir / "images")}}
+    cfg = dpo_config(data=data)
+    monkeypatch.setattr("mmpost.stages.dpo.build_model", lambda ctx: pytest.fail("a model was loaded"))
+    assert main(["train", str(cfg)]) != 0
+    err = capsys.readouterr().err
+    assert "pair-000005" in err and "'rejected'" in err
