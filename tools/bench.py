@@ -1,13 +1,21 @@
-"""Throughput and memory of a stage: runs N optimizer steps of a config and reports
-
-    tokens/s (real tokens, media included), samples/s, step time, peak memory (CPU RSS, or
-    torch.cuda.max_memory_allocated on CUDA) and, on CUDA, model-FLOPs utilisation.
+"""Benchmarks: throughput and memory of a stage, and shared- versus naive-prefill GRPO sampling.
 
     python tools/bench.py configs/demo/sft.yaml --steps 30 [--warmup 5] [--set train.batch_size=32] [--json out.json]
 
-Steps run through the real training loop (data workers, accumulation, clipping, logging) with
-evaluation and checkpoints off; the first ``--warmup`` steps are left out of the figures.
-Model FLOPs per token are the run summary's estimate (``mmpost.training.parts.model_flops_per_token``).
+runs N optimizer steps of a config and reports tokens/s (real tokens, media included), samples/s, step
+time, peak memory (CPU RSS, or torch.cuda.max_memory_allocated on CUDA) and, on CUDA, model-FLOPs
+utilisation. Steps run through the real training loop (data workers, accumulation, clipping, logging) with
+evaluation and checkpoints off; the first ``--warmup`` steps are left out of the figures. Model FLOPs per
+token are the run summary's estimate (``mmpost.training.parts.model_flops_per_token``).
+
+    python tools/bench.py grpo [--group-size 8] [--prompts 4] [--max-new-tokens 32] [--device cuda] [--json out.json]
+
+times GRPO rollouts, ``LMM.generate(..., num_samples=G)`` with the prompt prefilled once and its KV cache
+repeated G times (``share_prefill=True``) against every prompt repeated and prefilled G times, on one
+random-weight model (a tiny CLIP tower, an mlp connector, a Llama) and the synthetic counting prompts. Every
+sample runs the full ``--max-new-tokens`` (end-of-sequence never stops it); the two paths alternate after a
+warm-up call each and the median of ``--repeats`` is reported. The greedy outputs of both paths must be
+identical, or the command exits with status 1.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ def peak_tflops(override: float | None) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def main() -> int:
+def bench_stage(argv: list[str]) -> int:
     from mmpost.cli import quiet_libraries
     from mmpost.config import load_config
     from mmpost.stages import STAGES
@@ -49,7 +57,7 @@ def main() -> int:
     parser.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak, for MFU")
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     quiet_libraries()
     overrides = [o for group in args.set for o in group]
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,6 +99,147 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0
+
+
+# ----------------------------------------------------------------- grpo
+
+
+def grpo_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench.py grpo", description="GRPO sampling throughput: shared prefill vs G-fold prefill."
+    )
+    parser.add_argument("--group-size", type=int, default=8, help="samples per prompt (G)")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per batch")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per path; the median is reported")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--patch-size", type=int, default=8)
+    parser.add_argument("--clip-hidden", type=int, default=64, help="vision tower width")
+    parser.add_argument("--llm-hidden", type=int, default=256, help="LLM width (heads of 64)")
+    parser.add_argument("--llm-layers", type=int, default=4)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="where to write the model and data (a temporary folder if unset)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    return parser
+
+
+def build_grpo_inputs(args: argparse.Namespace, out: Path):
+    """The random-weight LMM and a left-padded batch of ``--prompts`` counting prompts, on ``--device``."""
+    import mmpost
+    from mmpost.data.loader import make_pipeline
+    from mmpost.data.sources import read_records
+    from mmpost.data.synth import synthesize
+    from mmpost.tiny.llm import make_tiny_llm, make_tiny_tokenizer
+    from mmpost.tiny.vision import make_tiny_clip
+
+    synthesize(out / "data", num_train=args.prompts, num_heldout=0, image_size=max(args.image_size, 32), progress=False)
+    heads = max(1, args.llm_hidden // 64)
+    llm = make_tiny_llm(
+        out / "llm", make_tiny_tokenizer(out / "llm"), hidden_size=args.llm_hidden, layers=args.llm_layers,
+        heads=heads, kv_heads=max(1, heads // 2), intermediate_size=4 * args.llm_hidden, seed=args.seed,
+    )  # fmt: skip
+    clip = make_tiny_clip(out / "clip", args.image_size, args.patch_size, hidden_size=args.clip_hidden, seed=args.seed)
+    torch.manual_seed(args.seed)
+    model = mmpost.LMM(
+        llm=str(llm),
+        encoders={"image": mmpost.encoder("hf_vision", path=str(clip))},
+        connectors={"image": mmpost.connector("mlp")},
+    )
+    model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    prompts = read_records(out / "data" / "count.json", image_root=out / "data" / "images")
+    process, collate = make_pipeline(model, max_length=4096, mode="generate")
+    batch = collate([process(s) for s in prompts])
+    batch = {key: batch[key].to(args.device) for key in ("input_ids", "attention_mask")} | {
+        "media": {m: x.to(args.device) for m, x in batch["media"].items()}
+    }
+    return model, batch
+
+
+def bench_grpo(args: argparse.Namespace) -> dict:
+    """Times ``generate(num_samples=G)`` with and without a shared prefill and checks their greedy tokens agree.
+
+    Returns:
+        the figures: median seconds per batch and completion tokens/s of each path, their ratio
+        ``naive_over_shared`` (> 1: sharing is faster), media tokens per prompt, prompt length and
+        ``greedy_identical``.
+    """
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or Path(tmp)
+        model, batch = build_grpo_inputs(args, out)
+    media_tokens = model.media_tokens("image", (3, args.image_size, args.image_size))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    placeholders = (ids == model.placeholder_ids["image"]).sum(-1)  # [P]
+    if not bool((placeholders == media_tokens).all()):
+        raise RuntimeError(f"prompts hold {placeholders.tolist()} media tokens, media_tokens() says {media_tokens}")
+
+    G, new_tokens = args.group_size, args.max_new_tokens
+    # eos_token_id=None: no sample stops early, so both paths decode P*G rows for the full length
+    common = dict(max_new_tokens=new_tokens, num_samples=G, eos_token_id=None)
+
+    def run(share: bool, **kwargs) -> tuple[float, torch.Tensor]:
+        torch.manual_seed(args.seed)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        tokens = model.generate(ids, mask, batch["media"], share_prefill=share, **common, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started, tokens
+
+    sampling = dict(do_sample=True, temperature=1.0, top_p=1.0)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for repeat in range(args.repeats + 1):  # the first round warms up
+        for share in (True, False):
+            seconds, tokens = run(share, **sampling)
+            if tokens.shape != (ids.shape[0] * G, new_tokens):
+                raise RuntimeError(f"expected {(ids.shape[0] * G, new_tokens)} new tokens, got {tuple(tokens.shape)}")
+            if repeat:
+                times[share].append(seconds)
+    greedy_identical = torch.equal(run(True)[1], run(False)[1])
+
+    completions = ids.shape[0] * G * new_tokens
+    shared_s, naive_s = statistics.median(times[True]), statistics.median(times[False])
+    llm_params = sum(p.numel() for p in model.base_llm.parameters())
+    return {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "dtype": args.dtype,
+        "llm": f"llama, width {args.llm_hidden}, {args.llm_layers} layers, {llm_params / 1e6:.2f}M parameters",
+        "prompts": ids.shape[0],
+        "group_size": G,
+        "max_new_tokens": new_tokens,
+        "media_tokens_per_prompt": media_tokens,
+        "prompt_length": ids.shape[1],
+        "repeats": args.repeats,
+        "shared_s": round(shared_s, 4),
+        "naive_s": round(naive_s, 4),
+        "shared_tokens_per_s": round(completions / shared_s, 1),
+        "naive_tokens_per_s": round(completions / naive_s, 1),
+        "naive_over_shared": round(naive_s / shared_s, 3),
+        "greedy_identical": greedy_identical,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] != ["grpo"]:
+        return bench_stage(argv)
+    from mmpost.cli import quiet_libraries
+
+    args = grpo_parser().parse_args(argv[1:])
+    quiet_libraries()
+    result = bench_grpo(args)
+    for key, value in result.items():
+        print(f"{key:>24}: {value}")
+    print(f"greedy outputs identical: {result['greedy_identical']}")
+    print(json.dumps(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0 if result["greedy_identical"] else 1
 
 
 if __name__ == "__main__":
