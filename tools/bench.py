@@ -149,8 +149,10 @@ def build_grpo_inputs(args: argparse.Namespace, out: Path):
     )
     model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
     prompts = read_records(out / "data" / "count.json", image_root=out / "data" / "images")
-    process, collate = make_pipeline(model, max_length=4096, mode="generate")
+    process, collate = make_pipeline(model, max_length=4096, mode="prompt")  # user-only prompts, left-padded
     batch = collate([process(s) for s in prompts])
+    if len(batch["input_ids"]) != args.prompts:
+        raise RuntimeError(f"{len(batch['input_ids'])} of the {args.prompts} prompts made it into the batch")
     batch = {key: batch[key].to(args.device) for key in ("input_ids", "attention_mask")} | {
         "media": {m: x.to(args.device) for m, x in batch["media"].items()}
     }
