@@ -46,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mmpost.demo import run_demo
 
-    run_demo(Path(args.out), force=args.force, quick=args.quick)
+    run_demo(Path(args.out), force=args.force, quick=args.quick, stages=args.stages)
     return 0
 
 
@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synthetic data + tiny models: align, sft, evaluate, export (CPU, offline)")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--force", action="store_true", help="replace a previous demo in --out")
+    p.add_argument("--stages", choices=["sft", "all"], default="sft",
+                   help="sft: align and sft (default); all: then dpo, and grpo from a short sft run")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a few steps on a sliver of the data: checks the install")
     p.set_defaults(func=cmd_demo)
 

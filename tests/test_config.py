@@ -72,7 +72,7 @@ def test_registered_parts_are_checked_against_their_constructor(tmp_path):
         load_config(write(tmp_path, base | {"model": {"connectors": {"image": {"name": "mlp", "depth": "2"}}}}))
     with pytest.raises(ConfigError, match=r"model\.encoders\.image: encoder 'timm' needs model"):
         load_config(write(tmp_path, base | {"model": {"encoders": {"image": {"name": "timm"}}}}))
-    with pytest.raises(ConfigError, match=r"stage\.name: unknown stage 'sfft'.*align, sft"):
+    with pytest.raises(ConfigError, match=r"stage\.name: unknown stage 'sfft'.*align, dpo, grpo, sft"):
         load_config(write(tmp_path, {"stage": "sfft"}))
     cfg = load_config(write(tmp_path, base | {"model": {"connectors": {"image": "linear"}}}))
     assert cfg.model.connectors["image"] == {"name": "linear"}
@@ -107,7 +107,7 @@ LAUNCH_CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_run_config_parses(path):
     cfg = load_config(path)
-    assert cfg.stage["name"] in ("align", "sft")
+    assert cfg.stage["name"] in ("align", "sft", "dpo", "grpo")
 
 
 @pytest.mark.parametrize("path", LAUNCH_CONFIGS, ids=lambda p: p.name)

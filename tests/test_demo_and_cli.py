@@ -26,6 +26,30 @@ def test_quick_demo_runs_the_whole_chain(tmp_path, capsys):
     assert main(["generate", str(out / "runs" / "sft"), "--image", str(image), "--prompt", "What shape?"]) == 0
 
 
+def test_quick_demo_with_every_stage(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quick", "--stages", "all"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["stages"]) == ["align", "sft", "dpo", "sft_short", "grpo"]
+    for stage in ("dpo", "grpo"):
+        assert (out / "runs" / stage / "final").is_dir()
+    assert len(summary["stages"]["dpo"]["heldout_logps_rejected"]) == 2
+
+
+@pytest.mark.slow
+def test_full_demo_with_every_stage_meets_the_dpo_and_grpo_bars(tmp_path):
+    """dpo: held-out preference accuracy >= 0.90 and rejected answers less likely; grpo: from an sft run whose
+    counting is between 0.3 and 0.8, at least 15 points more (about 6 minutes on 2 CPU cores)."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--stages", "all"]) == 0
+    stages = json.loads((out / "summary.json").read_text())["stages"]
+    dpo, grpo = stages["dpo"], stages["grpo"]
+    assert dpo["heldout_accuracy"] >= 0.90
+    assert dpo["heldout_logps_rejected"][1] < dpo["heldout_logps_rejected"][0]
+    assert 0.3 <= grpo["heldout_accuracy_before"] <= 0.8
+    assert grpo["heldout_accuracy"] >= grpo["heldout_accuracy_before"] + 0.15
+
+
 @pytest.mark.slow
 def test_full_demo_reaches_090_heldout_accuracy(tmp_path):
     """The README's demo: about 3 minutes on 2 CPU cores (pytest -m slow)."""

@@ -64,3 +64,45 @@ def test_token_logprobs_are_the_log_softmax_at_label_positions(make_model, quest
     expected = full.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
     torch.testing.assert_close(logps, expected, rtol=0, atol=1e-5)
     assert (logps[~keep] == 0).all() and (logps[keep] < 0).all()
+
+
+def test_generate_never_emits_a_media_placeholder(make_model, questions):
+    model = build(make_model, "mlp")
+    image_id = model.placeholder_ids["image"]
+    with torch.no_grad():  # make the placeholder the most likely next token everywhere
+        model.base_llm.get_output_embeddings().bias = torch.nn.Parameter(
+            torch.zeros(model.base_llm.config.vocab_size).index_fill_(0, torch.tensor([image_id]), 1e4)
+        )
+    batch = make_batch(model, questions, mode="generate")
+    for share in (True, False):
+        out = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], max_new_tokens=4,
+                             num_samples=2, share_prefill=share, do_sample=True)  # fmt: skip
+        assert not (out == image_id).any()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_dpo_and_grpo_losses_reach_every_connector_kind(make_model, synth_dir, kind):
+    from mmpost.losses.dpo import preference_loss
+    from mmpost.losses.grpo import policy_loss
+    from mmpost.rewards import RewardSet
+    from mmpost.training.rollout import sample_and_score
+
+    model = build(make_model, kind)
+    images = synth_dir / "images"
+    pairs = make_batch(model, read_records(synth_dir / "pairs.json", image_root=images)[:3], mode="pair")
+    assert pairs["input_ids"].shape[0] == 6 and pairs["rows_per_sample"] == 2
+    logps = model(pairs["input_ids"], pairs["attention_mask"], pairs["media"], pairs["labels"], media_repeat=2,
+                  logprobs=True).sum(-1)  # fmt: skip
+    tokens = (pairs["labels"][:, 1:] != -100).sum(-1)
+    ref = logps.detach() - 0.1
+    loss = preference_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], tokens[0::2], tokens[1::2]).losses.sum()
+    prompts = make_batch(model, read_records(synth_dir / "count.json", image_root=images)[:2], mode="prompt")
+    rollout = sample_and_score(model, prompts, RewardSet([{"name": "accuracy"}]), 3, 3, 1.0, 1.0, True, True)
+    assert rollout.input_ids.shape[0] == 6 and len(rollout.texts) == 6
+    new = model(rollout.input_ids, rollout.attention_mask, rollout.media, rollout.labels, media_repeat=3,
+                logprobs=True)  # fmt: skip
+    mask = (rollout.labels[:, 1:] != -100).float()
+    loss = loss + policy_loss(new, new.detach(), rollout.advantages + 1.0, mask).loss
+    loss.backward()
+    connector_grads = [p.grad for p in model.connectors["image"].parameters() if p.grad is not None]
+    assert connector_grads and any(g.abs().sum() > 0 for g in connector_grads)

@@ -119,12 +119,12 @@ class TrainConfig:
         trainable: parts that train: ``connectors``, ``encoders``, ``llm`` (all LLM weights),
             ``llm.lora`` (adapters only), or one modality (``connectors.image``, ``encoders.image``).
             Null takes the stage's default (align: connectors; sft: connectors and llm, or llm.lora
-            when ``model.lora.r`` > 0).
+            when ``model.lora.r`` > 0; dpo and grpo: llm, or llm.lora with LoRA).
         lr: peak learning rate.
         part_lr: per-part learning rates overriding ``lr``, by the names of ``trainable``
             (``{connectors: 1e-3, llm: 2e-5}``; LLaVA's ``mm_projector_lr``).
         weight_decay: AdamW weight decay (not applied to biases and norms).
-        batch_size: samples per device per micro-batch.
+        batch_size: samples per device per micro-batch (dpo: pairs; grpo: prompts, each sampled G times).
         grad_accum: micro-batches per optimizer step.
         max_steps: optimizer steps; 0 means ``epochs`` passes over the data.
         epochs: passes over the training data when ``max_steps`` is 0.
@@ -181,8 +181,8 @@ class RunConfig:
     """A training run: one stage on one model and dataset.
 
     Attributes:
-        stage: the registered stage to run (``align`` or ``sft``), with its options:
-            ``stage: sft`` or ``stage: {name: align, ...}``.
+        stage: the registered stage to run (``align``, ``sft``, ``dpo`` or ``grpo``), with its options:
+            ``stage: sft`` or ``stage: {name: dpo, beta: 0.1, ...}`` (each stage's options are listed below).
         out: the run directory (config.yaml, metrics.jsonl, checkpoints/, final/).
         from_: start from an earlier run directory (its ``final/``) or a saved model directory; the
             ``model`` section then only changes it: ``model.encoders`` / ``model.connectors`` entries

@@ -335,6 +335,8 @@ class LMM(nn.Module):
         embeds, fused = self.embed(input_ids, media, position_ids)
         generate_kwargs.setdefault("do_sample", False)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        # a media placeholder in generated text would stand for media that do not exist
+        generate_kwargs.setdefault("suppress_tokens", sorted(self.placeholder_ids.values()))
         if self.base_llm.generation_config.eos_token_id is None:
             generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
         if num_samples > 1 and share_prefill:
