@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from mmpost.config import to_dict
 from mmpost.data.loader import EpochBatchSampler, make_loader, read_source
-from mmpost.data.sample import DataError
+from mmpost.data.sample import DataError, Sample
 from mmpost.model.lmm import LMM, LossOutput
 from mmpost.training.accel import allow_unused_parameters
 from mmpost.training.checkpoint import load_trainer_state, save_checkpoint, set_rng_state
@@ -71,26 +72,37 @@ def micro_batches(loader, sampler: EpochBatchSampler | None, state: dict[str, in
         state["batch"] = 0
 
 
+def read_held_out(ctx: RunContext) -> list[Sample] | None:
+    """The first ``eval.max_samples`` samples of ``data.eval``, or None when there is no held-out set."""
+    cfg = ctx.cfg
+    if cfg.data.eval is None:
+        return None
+    samples = read_source(cfg.data.eval, "data.eval")
+    if samples is None:
+        raise DataError("data.eval must be a .json / .jsonl file (held-out sets are read whole)")
+    return samples[: cfg.eval.max_samples]
+
+
+def held_out_loader(ctx: RunContext, model: LMM, samples: list[Sample], mode: str):
+    """This process's share of the held-out samples, in order, as batches of ``mode``."""
+    cfg, acc = ctx.cfg, ctx.accelerator
+    loader, _ = make_loader(samples, cfg.data.eval, model, cfg.data, cfg.eval.batch_size, mode, acc.process_index,
+                            acc.num_processes, cfg.seed, shuffle=False)  # fmt: skip
+    return loader
+
+
 class Evaluator:
     """Held-out loss and generation accuracy on ``data.eval``, sharded across processes."""
 
     def __init__(self, ctx: RunContext, model: LMM) -> None:
-        cfg, acc = ctx.cfg, ctx.accelerator
         self.ctx = ctx
-        self.enabled = cfg.data.eval is not None
+        samples = read_held_out(ctx)
+        self.enabled = samples is not None
         if not self.enabled:
             return
-        samples = read_source(cfg.data.eval, "data.eval")
-        if samples is None:
-            raise DataError("data.eval must be a .json / .jsonl file (held-out sets are read whole)")
-        samples = samples[: cfg.eval.max_samples]
         self.tasks = sorted({str(s.meta.get("task", "")) for s in samples} - {""})
-        common = dict(
-            samples=samples, source=cfg.data.eval, model=model, data=cfg.data, batch_size=cfg.eval.batch_size,
-            rank=acc.process_index, world=acc.num_processes, seed=cfg.seed, shuffle=False,
-        )  # fmt: skip
-        self.loss_loader, _ = make_loader(mode="train", **common)
-        self.gen_loader, _ = make_loader(mode="generate", **common)
+        self.loss_loader = held_out_loader(ctx, model, samples, "train")
+        self.gen_loader = held_out_loader(ctx, model, samples, "generate")
 
     def __call__(self, model: LMM, step: int) -> dict[str, Any]:
         if not self.enabled:
@@ -106,49 +118,72 @@ class Evaluator:
         return record
 
 
-def fit(
+@dataclass
+class Loop:
+    """What a stage's training loop holds between optimizer steps (built by ``start_loop``)."""
+
+    wrapped: torch.nn.Module  # the model as the accelerator prepared it (DDP-wrapped with several processes)
+    optimizer: Any
+    scheduler: Any
+    metrics: MetricsLog
+    evaluate: Any
+    batches: Iterator[dict[str, Any]]
+    trainable: list[torch.nn.Parameter]
+    total: int
+    state: dict[str, int]
+    evals: list[dict[str, Any]]
+
+    def end_step(self, ctx: RunContext, model: LMM) -> None:
+        """Evaluates and checkpoints after ``state["step"]`` when the config asks for it."""
+        t, step = ctx.cfg.train, self.state["step"]
+        if self.evaluate.enabled and ((t.eval_every and step % t.eval_every == 0) or step == self.total):
+            self.evals.append(self.evaluate(model, step) | {"data/skipped": self.state["skipped"]})
+            self.metrics.write(self.evals[-1])
+        if t.save_every and step % t.save_every == 0 and step < self.total:
+            loop = {"state": dict(self.state), "evals": self.evals}
+            save_checkpoint(ctx.run_dir, step, model, self.optimizer, self.scheduler, loop, ctx.cfg,
+                            ctx.accelerator, t.keep_checkpoints)  # fmt: skip
+
+
+def start_loop(
     ctx: RunContext,
     model: LMM,
     parts: Sequence[str],
-    loss_fn: LossFn = conversation_loss,
-    units: Callable[[dict[str, Any]], int] = label_tokens,
+    samples: list[Sample] | None,
     mode: str = "train",
     evaluator: Any = None,
-) -> dict[str, Any]:
-    """Trains ``parts`` of ``model`` on ``data.train``; writes metrics, checkpoints and ``final/``.
+    updates_per_step: int = 1,
+) -> Loop:
+    """Freezes all but ``parts``, builds the data loader, optimizer and schedule, prepares the model, and
+    restores a resumed run's state (or evaluates the starting model).
 
     Args:
-        loss_fn: the stage's loss: a summed loss over a micro-batch and its per-unit stats.
-        units: what one micro-batch's loss is normalised by (label tokens; pairs for preference losses). The
-            loss of a step is the sum over its micro-batches and processes divided by their total units.
-        mode: how samples become batches (see ``SampleProcessor``): "train" or "pair".
+        samples: ``data.train``'s samples as ``read_source`` gave them (None for shards).
+        mode: how samples become batches (see ``SampleProcessor``).
         evaluator: ``evaluator(model, step) -> metrics`` with an ``enabled`` flag; default: held-out loss and
             generation accuracy on ``data.eval``.
-
-    Returns:
-        the run summary (also written to ``RUN/summary.json``): first and last evaluation, steps, time.
+        updates_per_step: optimizer updates per loop step (grpo's μ), for the schedule's length.
     """
     cfg, acc, t = ctx.cfg, ctx.accelerator, ctx.cfg.train
     table = apply_trainable(model, parts)
     if acc.is_main_process:
         log.info("trainable parameters (%s):\n%s", ", ".join(parts), table)
-    train_samples = read_source(cfg.data.train, "data.train")
     loader, sampler = make_loader(
-        train_samples, cfg.data.train, model, cfg.data, t.batch_size, mode,
+        samples, cfg.data.train, model, cfg.data, t.batch_size, mode,
         acc.process_index, acc.num_processes, cfg.seed, shuffle=True,
     )  # fmt: skip
     if sampler is None and t.max_steps == 0:
         raise DataError("webdataset shards have no known length: set train.max_steps")
     if sampler is not None and sampler.batches_per_epoch() < t.grad_accum:
         raise DataError(
-            f"data.train has {len(train_samples)} samples, fewer than one optimizer step "
+            f"data.train has {len(samples)} samples, fewer than one optimizer step "
             f"({t.batch_size} x {acc.num_processes} processes x {t.grad_accum} accumulation)"
         )
     total = t.max_steps or max(1, math.ceil(t.epochs * sampler.batches_per_epoch() / t.grad_accum))
     evaluate = evaluator if evaluator is not None else Evaluator(ctx, model)
     if t.gradient_checkpointing:
         model.base_llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer, scheduler = make_optimizer(model, t, parts, total)
+    optimizer, scheduler = make_optimizer(model, t, parts, total * updates_per_step)
     set_train_mode(model)
     allow_unused_parameters(acc, parts, len(model.modalities))
     wrapped, optimizer = acc.prepare(model, optimizer)
@@ -167,20 +202,56 @@ def fit(
         evals.append(evaluate(model, 0))
         metrics.write(evals[-1])
     trainable = [p for p in model.parameters() if p.requires_grad]
-    batches = micro_batches(loader, sampler, state)
+    return Loop(wrapped, optimizer, scheduler, metrics, evaluate, micro_batches(loader, sampler, state), trainable,
+                total, state, evals)  # fmt: skip
+
+
+def count_batches(ctx: RunContext, state: dict[str, int], micro: list[dict[str, Any]], *extra: float) -> list[float]:
+    """Adds a step's samples and skipped samples over every process to ``state`` (stopping the run when too many
+    were skipped); returns ``extra`` summed over every process."""
+    acc = ctx.accelerator
+    local = [sum(b["num_samples"] for b in micro), sum(len(b["skipped"]) for b in micro), *extra]
+    n_seen, n_skipped, *totals = acc.reduce(torch.tensor(local, dtype=torch.float64, device=acc.device), "sum").tolist()
+    state["seen"] += int(n_seen)
+    state["skipped"] += int(n_skipped)
+    check_bad_fraction(state, ctx.cfg.data.max_bad_fraction, [r for b in micro for r in b["skipped"]])
+    return totals
+
+
+def fit(
+    ctx: RunContext,
+    model: LMM,
+    parts: Sequence[str],
+    loss_fn: LossFn = conversation_loss,
+    units: Callable[[dict[str, Any]], int] = label_tokens,
+    mode: str = "train",
+    evaluator: Any = None,
+    samples: list[Sample] | None | str = "read",
+) -> dict[str, Any]:
+    """Trains ``parts`` of ``model`` on ``data.train``; writes metrics, checkpoints and ``final/``.
+
+    Args:
+        loss_fn: the stage's loss: a summed loss over a micro-batch and its per-unit stats.
+        units: what one micro-batch's loss is normalised by (label tokens; pairs for preference losses). The
+            loss of a step is the sum over its micro-batches and processes divided by their total units.
+        mode: how samples become batches (see ``SampleProcessor``): "train" or "pair".
+        evaluator: as in ``start_loop``.
+        samples: ``data.train``'s samples when the stage has read them already; "read" reads them here.
+
+    Returns:
+        the run summary (also written to ``RUN/summary.json``): first and last evaluation, steps, time.
+    """
+    cfg, acc, t = ctx.cfg, ctx.accelerator, ctx.cfg.train
+    if samples == "read":
+        samples = read_source(cfg.data.train, "data.train")
+    loop = start_loop(ctx, model, parts, samples, mode, evaluator)
+    wrapped, optimizer, scheduler, metrics = loop.wrapped, loop.optimizer, loop.scheduler, loop.metrics
+    state, total, trainable = loop.state, loop.total, loop.trainable
     bar = tqdm(total=total, initial=state["step"], desc=cfg.stage["name"], disable=not acc.is_main_process)
     started, window = time.perf_counter(), {"tokens": 0, "samples": 0, "time": time.perf_counter()}
     while state["step"] < total:
-        micro = [next(batches) for _ in range(t.grad_accum)]
-        counts = torch.tensor(
-            [sum(units(b) for b in micro), sum(b["num_samples"] for b in micro),
-             sum(len(b["skipped"]) for b in micro)],
-            dtype=torch.float64, device=acc.device,
-        )  # fmt: skip
-        n_tokens, n_seen, n_skipped = acc.reduce(counts, reduction="sum").tolist()
-        state["seen"] += int(n_seen)
-        state["skipped"] += int(n_skipped)
-        check_bad_fraction(state, cfg.data.max_bad_fraction, [r for b in micro for r in b["skipped"]])
+        micro = [next(loop.batches) for _ in range(t.grad_accum)]
+        (n_tokens,) = count_batches(ctx, state, micro, sum(units(b) for b in micro))
         loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
         stats: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro):
@@ -223,15 +294,10 @@ def fit(
                 "data/skipped": state["skipped"], **step_means(stats, acc, n_tokens),
             })  # fmt: skip
             window = {"tokens": 0, "samples": 0, "time": time.perf_counter()}
-        if evaluate.enabled and ((t.eval_every and step % t.eval_every == 0) or step == total):
-            evals.append(evaluate(model, step) | {"data/skipped": state["skipped"]})
-            metrics.write(evals[-1])
-        if t.save_every and step % t.save_every == 0 and step < total:
-            loop = {"state": dict(state), "evals": evals}
-            save_checkpoint(ctx.run_dir, step, model, optimizer, scheduler, loop, cfg, acc, t.keep_checkpoints)
+        loop.end_step(ctx, model)
     bar.close()
     check_bad_fraction(state, cfg.data.max_bad_fraction, [], final=True)
-    return finish(ctx, model, state, evals, time.perf_counter() - started, metrics)
+    return finish(ctx, model, state, loop.evals, time.perf_counter() - started, metrics)
 
 
 def step_means(stats: dict[str, torch.Tensor], acc, units: float) -> dict[str, float]:

@@ -118,3 +118,28 @@ def run_config(tmp_path, synth_dir, llm_dir, clip_dir):
         return path
 
     return write
+
+
+@pytest.fixture
+def after_sft(run_config, tmp_path, synth_dir):
+    """Runs a short sft run, then writes configs of a later stage that starts ``from:`` it.
+
+    ``write(name, stage, defaults, **sections)``: ``defaults`` holds the stage's own ``data`` (file names
+    under the synthetic data set, with any extra keys) and ``train`` sections; ``sections`` override them.
+    """
+    from mmpost.cli import main
+
+    images = str(synth_dir / "images")
+    sft = run_config("sft", stage="sft", train={"max_steps": 4},
+                     data={"train": {"path": str(synth_dir / "sft.json"), "image_root": images}})  # fmt: skip
+    assert main(["train", str(sft)]) == 0
+
+    def write(name: str, stage: dict[str, Any], defaults: dict[str, dict], **sections: Any) -> Path:
+        data = {split: {**spec, "path": str(synth_dir / spec["path"]), "image_root": images}
+                for split, spec in defaults["data"].items()}  # fmt: skip
+        return run_config(name, stage=stage, data={**data, **sections.pop("data", {})},
+                          train={**defaults["train"], **sections.pop("train", {})},
+                          model={"llm": {}, "encoders": {}, "connectors": {}, **sections.pop("model", {})},
+                          **{"from": str(tmp_path / "sft"), **sections})  # fmt: skip
+
+    return write

@@ -20,25 +20,19 @@ def train_lines(run: Path) -> list[dict]:
     return [r for r in read_metrics(run) if "loss" in r]
 
 
+DEFAULTS = {
+    # 16 pairs seen again and again: a preference a tiny model learns within a few steps
+    "data": {"train": {"path": "pairs.json", "max_samples": 16}, "eval": {"path": "pairs_heldout.jsonl"}},
+    "train": {"lr": 1e-3, "max_steps": 8, "batch_size": 8},
+}
+
+
 @pytest.fixture
-def dpo_config(run_config, tmp_path, synth_dir):
-    """A dpo run starting from a short sft run on the synthetic pairs (written once per test)."""
-    images = str(synth_dir / "images")
-    sft = run_config("sft", stage="sft", train={"max_steps": 4},
-                     data={"train": {"path": str(synth_dir / "sft.json"), "image_root": images}})  # fmt: skip
-    assert main(["train", str(sft)]) == 0
+def dpo_config(after_sft):
+    """A dpo run on the synthetic pairs, starting from a short sft run."""
 
     def write(name: str = "dpo", stage: dict | None = None, **sections):
-        data = {
-            # 16 pairs seen again and again: a preference a tiny model learns within a few steps
-            "train": {"path": str(synth_dir / "pairs.json"), "image_root": images, "max_samples": 16},
-            "eval": {"path": str(synth_dir / "pairs_heldout.jsonl"), "image_root": images},
-            **sections.pop("data", {}),
-        }
-        train = {"lr": 1e-3, "max_steps": 8, "batch_size": 8, **sections.pop("train", {})}
-        return run_config(name, stage={"name": "dpo", **(stage or {})}, data=data, train=train,
-                          model={"llm": {}, "encoders": {}, "connectors": {}, **sections.pop("model", {})},
-                          **{"from": str(tmp_path / "sft"), **sections})  # fmt: skip
+        return after_sft(name, {"name": "dpo", **(stage or {})}, DEFAULTS, **sections)
 
     return write
 

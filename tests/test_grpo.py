@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import mmpost
-import mmpost.stages.grpo
+import mmpost.train
 from mmpost.cli import main
 from mmpost.training.metrics import read_metrics
 
@@ -21,25 +21,19 @@ def train_lines(run: Path) -> list[dict]:
     return [r for r in read_metrics(run) if "loss" in r]
 
 
+DEFAULTS = {
+    "data": {"train": {"path": "count.json"}, "eval": {"path": "count_heldout.jsonl"}},
+    "train": {"lr": 1e-3, "max_steps": 3, "batch_size": 2},
+}
+
+
 @pytest.fixture
-def grpo_config(run_config, tmp_path, synth_dir):
+def grpo_config(after_sft):
     """A grpo run on the counting prompts, starting from a short sft run."""
-    images = str(synth_dir / "images")
-    sft = run_config("sft", stage="sft", train={"max_steps": 4},
-                     data={"train": {"path": str(synth_dir / "sft.json"), "image_root": images}})  # fmt: skip
-    assert main(["train", str(sft)]) == 0
 
     def write(name: str = "grpo", stage: dict | None = None, **sections):
-        data = {
-            "train": {"path": str(synth_dir / "count.json"), "image_root": images},
-            "eval": {"path": str(synth_dir / "count_heldout.jsonl"), "image_root": images},
-            **sections.pop("data", {}),
-        }
-        train = {"lr": 1e-3, "max_steps": 3, "batch_size": 2, **sections.pop("train", {})}
         options = {"name": "grpo", "group_size": 4, "max_completion_length": 4, **(stage or {})}
-        return run_config(name, stage=options, data=data, train=train,
-                          model={"llm": {}, "encoders": {}, "connectors": {}, **sections.pop("model", {})},
-                          **{"from": str(tmp_path / "sft"), **sections})  # fmt: skip
+        return after_sft(name, options, DEFAULTS, **sections)
 
     return write
 
@@ -100,17 +94,17 @@ def test_grpo_resume_continues_the_same_run(grpo_config, tmp_path, monkeypatch, 
     stage = {"beta": 0.05}
     model = LORA if lora else {}
     assert main(["train", str(grpo_config("straight", stage=stage, train=train, model=model))]) == 0
-    original = mmpost.stages.grpo.save_checkpoint
+    original = mmpost.train.save_checkpoint
 
     def crash_after_step_3(*args, **kwargs):
         original(*args, **kwargs)
         raise KeyboardInterrupt("simulated crash")
 
     cfg = grpo_config("interrupted", stage=stage, train=train, model=model)
-    monkeypatch.setattr(mmpost.stages.grpo, "save_checkpoint", crash_after_step_3)
+    monkeypatch.setattr(mmpost.train, "save_checkpoint", crash_after_step_3)
     with pytest.raises(KeyboardInterrupt):
         main(["train", str(cfg)])
-    monkeypatch.setattr(mmpost.stages.grpo, "save_checkpoint", original)
+    monkeypatch.setattr(mmpost.train, "save_checkpoint", original)
     assert main(["train", str(cfg), "--resume"]) == 0
     keys = ("step", "loss", "reward/mean", "completion_length", "kl")
     straight = [tuple(round(r[k], 6) for k in keys) for r in train_lines(tmp_path / "straight")]

@@ -31,7 +31,7 @@ from mmpost.data.loader import make_loader, read_source
 from mmpost.data.sample import DataError, Sample
 from mmpost.losses.dpo import LOSS_TYPES, preference_loss
 from mmpost.model.lmm import LMM, LossOutput
-from mmpost.train import fit
+from mmpost.train import fit, held_out_loader, read_held_out
 from mmpost.training.evaluate import to_device
 from mmpost.training.parts import set_train_mode
 from mmpost.training.reference import Reference, make_reference
@@ -97,11 +97,11 @@ class DPO:
             if self.precompute:
                 train_ref = precompute(ctx, model, samples, cfg.data.train, train_ref)
                 if cfg.data.eval is not None:
-                    eval_ref = precompute(ctx, model, read_source(cfg.data.eval, "data.eval"), cfg.data.eval, eval_ref)
+                    eval_ref = precompute(ctx, model, read_held_out(ctx), cfg.data.eval, eval_ref)
                 reference.copy = None if reference.copy is None else reference.copy.to("meta")  # frees its memory
         loss = PairLoss(self.options, train_ref, ctx.accelerator)
         evaluator = PairEvaluator(ctx, model, PairLoss(self.options, eval_ref, ctx.accelerator))
-        return fit(ctx, model, parts, loss, units=pairs, mode="pair", evaluator=evaluator)
+        return fit(ctx, model, parts, loss, units=pairs, mode="pair", evaluator=evaluator, samples=samples)
 
 
 def live_reference(ctx: RunContext, reference: Reference) -> RefLogps:
@@ -189,17 +189,11 @@ class PairEvaluator:
     """Held-out preference figures on ``data.eval`` pairs: loss, preference accuracy, rewards, log-probs."""
 
     def __init__(self, ctx: RunContext, model: LMM, loss: PairLoss) -> None:
-        cfg, acc = ctx.cfg, ctx.accelerator
         self.ctx, self.loss = ctx, loss
-        self.enabled = cfg.data.eval is not None
-        if not self.enabled:
-            return
-        samples = read_source(cfg.data.eval, "data.eval")
-        if samples is None:
-            raise DataError("data.eval must be a .json / .jsonl file (held-out sets are read whole)")
-        samples = samples[: cfg.eval.max_samples]
-        self.loader, _ = make_loader(samples, cfg.data.eval, model, cfg.data, cfg.eval.batch_size, "pair",
-                                     acc.process_index, acc.num_processes, cfg.seed, shuffle=False)  # fmt: skip
+        samples = read_held_out(ctx)
+        self.enabled = samples is not None
+        if self.enabled:
+            self.loader = held_out_loader(ctx, model, samples, "pair")
 
     @torch.no_grad()
     def __call__(self, model: LMM, step: int) -> dict[str, Any]:

@@ -20,7 +20,6 @@ sampling against optimisation. Held-out accuracy (``data.eval``, greedy answers)
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any
 
@@ -28,17 +27,14 @@ import torch
 from tqdm.auto import tqdm
 
 from mmpost.config import RunConfig
-from mmpost.data.loader import make_loader, read_source
+from mmpost.data.loader import read_source
 from mmpost.data.sample import DataError, Sample
 from mmpost.losses.grpo import AGGREGATIONS, policy_loss
 from mmpost.model.lmm import LMM
 from mmpost.rewards import RewardSet
-from mmpost.train import Evaluator, check_bad_fraction, finish, micro_batches
-from mmpost.training.accel import allow_unused_parameters
-from mmpost.training.checkpoint import load_trainer_state, save_checkpoint, set_rng_state
+from mmpost.train import Loop, check_bad_fraction, count_batches, finish, start_loop
 from mmpost.training.evaluate import to_device
-from mmpost.training.metrics import MetricsLog
-from mmpost.training.parts import apply_trainable, make_optimizer, set_train_mode
+from mmpost.training.parts import set_train_mode
 from mmpost.training.reference import Reference, make_reference
 from mmpost.training.rollout import Rollout, sample_and_score
 from mmpost.training.run import RunContext, build_model, start_run
@@ -113,80 +109,40 @@ class GRPO:
         return self.fit(ctx, model, parts, samples, reference)
 
     def fit(self, ctx: RunContext, model: LMM, parts: list[str], samples, reference: Reference | None):
+        """The loop: sample and score, then μ optimizer steps, per step; log, evaluate, checkpoint."""
         cfg, acc, t = ctx.cfg, ctx.accelerator, ctx.cfg.train
-        table = apply_trainable(model, parts)
-        if acc.is_main_process:
-            log.info("trainable parameters (%s):\n%s", ", ".join(parts), table)
-        loader, sampler = make_loader(samples, cfg.data.train, model, cfg.data, t.batch_size, "prompt",
-                                      acc.process_index, acc.num_processes, cfg.seed, shuffle=True)  # fmt: skip
-        if sampler is None and t.max_steps == 0:
-            raise DataError("webdataset shards have no known length: set train.max_steps")
-        total = t.max_steps or max(1, math.ceil(t.epochs * sampler.batches_per_epoch() / t.grad_accum))
-        evaluate = Evaluator(ctx, model)
-        if t.gradient_checkpointing:
-            model.base_llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer, scheduler = make_optimizer(model, t, parts, total * self.iterations)
-        set_train_mode(model)
-        allow_unused_parameters(acc, parts, len(model.modalities))
-        wrapped, optimizer = acc.prepare(model, optimizer)
-        metrics = MetricsLog(ctx.run_dir, enabled=acc.is_main_process)
-        state = {"step": 0, "epoch": 0, "batch": 0, "seen": 0, "skipped": 0}
-        evals: list[dict[str, Any]] = []
-        if ctx.checkpoint is not None:
-            trainer, rng = load_trainer_state(ctx.checkpoint, acc.process_index)
-            optimizer.load_state_dict(trainer["optimizer"])
-            scheduler.load_state_dict(trainer["scheduler"])
-            state |= trainer["loop"]["state"]
-            evals = trainer["loop"]["evals"]
-            metrics.truncate_after(state["step"])
-            set_rng_state(rng)
-        elif evaluate.enabled:
-            evals.append(evaluate(model, 0))
-            metrics.write(evals[-1])
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        batches = micro_batches(loader, sampler, state)
-        bar = tqdm(total=total, initial=state["step"], desc="grpo", disable=not acc.is_main_process)
+        loop = start_loop(ctx, model, parts, samples, "prompt", updates_per_step=self.iterations)
+        state = loop.state
+        bar = tqdm(total=loop.total, initial=state["step"], desc="grpo", disable=not acc.is_main_process)
         started = time.perf_counter()
-        while state["step"] < total:
-            micro = [next(batches) for _ in range(t.grad_accum)]
-            counts = torch.tensor([sum(b["num_samples"] for b in micro), sum(len(b["skipped"]) for b in micro)],
-                                  dtype=torch.float64, device=acc.device)  # fmt: skip
-            n_seen, n_skipped = acc.reduce(counts, reduction="sum").tolist()
-            state["seen"] += int(n_seen)
-            state["skipped"] += int(n_skipped)
-            check_bad_fraction(state, cfg.data.max_bad_fraction, [r for b in micro for r in b["skipped"]])
+        while state["step"] < loop.total:
+            micro = [next(loop.batches) for _ in range(t.grad_accum)]
+            count_batches(ctx, state, micro)
             t0 = time.perf_counter()
             model.eval()
             rollouts = [self.rollout(model, to_device(b, acc.device)) for b in micro if b["ids"]]
             set_train_mode(model)
             t1 = time.perf_counter()
-            record = self.optimise(wrapped, model, rollouts, reference, optimizer, scheduler, trainable, acc, t)
+            record = self.optimise(loop, model, rollouts, reference, acc, t)
             t2 = time.perf_counter()
             state["step"] += 1
             step = state["step"]
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward/mean']:.3f}")
-            if step % t.log_every == 0 or step == total:
-                metrics.write({"step": step, **record, "lr": scheduler.get_last_lr()[0], "epoch": state["epoch"],
-                               "time/sampling_share": (t1 - t0) / (t2 - t0), "time/step_s": t2 - t0,
-                               "data/skipped": state["skipped"]})  # fmt: skip
-            if evaluate.enabled and ((t.eval_every and step % t.eval_every == 0) or step == total):
-                evals.append(evaluate(model, step) | {"data/skipped": state["skipped"]})
-                metrics.write(evals[-1])
-            if t.save_every and step % t.save_every == 0 and step < total:
-                loop = {"state": dict(state), "evals": evals}
-                save_checkpoint(ctx.run_dir, step, model, optimizer, scheduler, loop, cfg, acc, t.keep_checkpoints)
+            if step % t.log_every == 0 or step == loop.total:
+                loop.metrics.write({"step": step, **record, "lr": loop.scheduler.get_last_lr()[0],
+                                    "epoch": state["epoch"], "time/sampling_share": (t1 - t0) / (t2 - t0),
+                                    "time/step_s": t2 - t0, "data/skipped": state["skipped"]})  # fmt: skip
+            loop.end_step(ctx, model)
         bar.close()
         check_bad_fraction(state, cfg.data.max_bad_fraction, [], final=True)
-        return finish(ctx, model, state, evals, time.perf_counter() - started, metrics)
+        return finish(ctx, model, state, loop.evals, time.perf_counter() - started, loop.metrics)
 
     def rollout(self, model: LMM, batch: dict[str, Any]) -> Rollout:
-        with torch.no_grad():
-            return sample_and_score(model, batch, self.rewards, self.group_size, self.max_completion_length,
+        return sample_and_score(model, batch, self.rewards, self.group_size, self.max_completion_length,
                                     self.temperature, self.top_p, self.share_prefill, self.scale_rewards)  # fmt: skip
 
-    def optimise(self, wrapped, model: LMM, rollouts: list[Rollout], reference, optimizer, scheduler, trainable,
-                 acc, t) -> dict[str, float]:  # fmt: skip
+    def optimise(self, loop: Loop, model: LMM, rollouts: list[Rollout], reference, acc, t) -> dict[str, float]:
         """μ optimizer steps over the step's rollouts; returns the step's metrics (over every process)."""
         g = self.group_size
         masks = []
@@ -211,7 +167,7 @@ class GRPO:
         sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss, kl, clip fraction (token-weighted)
         for iteration in range(self.iterations):
             for i, (a, r, mask) in enumerate(zip(args, rollouts, masks, strict=True)):
-                logps = wrapped(*a, media_repeat=g, logprobs=True, temperature=self.temperature)  # [P*G, T-1]
+                logps = loop.wrapped(*a, media_repeat=g, logprobs=True, temperature=self.temperature)  # [P*G, T-1]
                 out = policy_loss(logps, logps.detach() if old[i] is None else old[i], r.advantages, mask.float(),
                                   ref_logps=ref[i], **self.loss_options, **norm)  # fmt: skip
                 acc.backward(out.loss)
@@ -220,10 +176,10 @@ class GRPO:
                     sums += torch.tensor([float(out.loss), float(out.kl) * weight, float(out.clip_fraction) * weight],
                                          dtype=torch.float64, device=acc.device)  # fmt: skip
             if t.max_grad_norm > 0:
-                acc.clip_grad_norm_(trainable, t.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                acc.clip_grad_norm_(loop.trainable, t.max_grad_norm)
+            loop.optimizer.step()
+            loop.scheduler.step()
+            loop.optimizer.zero_grad(set_to_none=True)
         return self.step_metrics(rollouts, sums, tokens, acc)
 
     def step_metrics(self, rollouts: list[Rollout], sums: torch.Tensor, tokens, acc) -> dict[str, float]:
