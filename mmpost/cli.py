@@ -1,4 +1,4 @@
-"""The ``mmpost`` command: train, demo, data synth, generate, export, config.
+"""The ``mmpost`` command: train, demo, data synth, generate, export, distill-data, config.
 
 Errors a user can fix (config, data, paths, launch) print one ``mmpost: error: ...`` line and exit
 with status 2; anything else is a bug and keeps its traceback.
@@ -68,10 +68,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mmpost.export import export
+    from mmpost.config.schema import DataSourceConfig
+    from mmpost.export import export, read_report
 
-    out = export(args.model, args.out, fmt=args.format, force=args.force)
-    print(f"exported {args.format} to {out}")
+    calib = args.calib
+    if calib and args.calib_image_root:
+        calib = DataSourceConfig(path=calib, image_root=args.calib_image_root)
+    export(args.model, args.out, fmt=args.format, force=args.force, quantize=args.quantize, calib=calib)
+    report = read_report(args.out)
+    reload, size = report["reload"], report["size"]
+    print(f"exported {args.format} to {args.out}: reloaded with max |logit difference| "
+          f"{reload['max_abs_logit_diff']:.3g} and greedy agreement {reload['greedy_agreement']}; "
+          f"{size['bytes_on_disk'] / 2**20:.1f} MiB on disk")  # fmt: skip
+    if "quantization" in report:
+        quant, moved = report["quantization"], report["quantized_vs_float"]
+        ratio = size["quantized_layer_ratio"]
+        print(f"quantized {quant['layers']} layers, {quant['scheme']}: quantized layers take {ratio} of their "
+              f"bf16 size; vs the float model max |logit difference| {moved['max_abs_logit_diff']:.3g}, greedy "
+              f"agreement {moved['greedy_agreement']}")  # fmt: skip
+    return 0
+
+
+def cmd_distill_data(args: argparse.Namespace) -> int:
+    from mmpost.config.schema import DataSourceConfig
+    from mmpost.distill_data import write_teacher_answers
+
+    source = DataSourceConfig(path=args.data, image_root=args.image_root)
+    counts = write_teacher_answers(args.teacher, source, args.out, max_new_tokens=args.max_new_tokens,
+                                   batch_size=args.batch_size, temperature=args.temperature,
+                                   max_samples=args.max_samples)  # fmt: skip
+    print(f"wrote {counts['written']} teacher answers to {args.out} ({counts['skipped']} prompts skipped, "
+          f"{counts['empty']} empty answers dropped); train a student on it: data.train.path={args.out}")  # fmt: skip
     return 0
 
 
@@ -137,7 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["hf", "mmpost"], default="mmpost")
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing it")
+    p.add_argument("--quantize", metavar="SCHEME",
+                   help="quantize the LLM first: w8a16, w4a16 (round to nearest), w8a16-gptq, w4a16-gptq, or a YAML "
+                        "file of quantize keys (configs/quant/); written in the compressed-tensors format")  # fmt: skip
+    p.add_argument("--calib", metavar="DATA",
+                   help="gptq calibration data: .json / .jsonl, shards, or a run config "
+                        "(default: the run's training data)")  # fmt: skip
+    p.add_argument("--calib-image-root", metavar="DIR", help="folder the --calib file's media paths are relative to")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("distill-data", help="let a teacher answer prompts and write the answers as sft data")
+    p.add_argument("teacher", help="the teacher: a saved model directory or a run")
+    p.add_argument("--data", required=True, help="prompts: .json / .jsonl (LLaVA or messages records) or shards; "
+                   "a final assistant turn is replaced by the teacher's answer")  # fmt: skip
+    p.add_argument("--image-root", help="folder the data's media paths are relative to (default: the file's)")
+    p.add_argument("--out", required=True, help="the .jsonl file to write (messages records)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 answers greedily; above 0 samples")
+    p.add_argument("--max-samples", type=int, default=0, help="answer at most this many prompts (0: all)")
+    p.set_defaults(func=cmd_distill_data)
 
     p = sub.add_parser("config", help="list every config key with its documentation, or show a resolved config")
     p.add_argument("action", choices=["keys", "show"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -105,9 +106,16 @@ def make_loader(
     world: int,
     seed: int,
     shuffle: bool,
+    pipeline: Any = None,
 ) -> tuple[DataLoader, EpochBatchSampler | None]:
-    """A DataLoader over ``samples`` (map-style) or over ``source``'s shards when ``samples`` is None."""
+    """A DataLoader over ``samples`` (map-style) or over ``source``'s shards when ``samples`` is None.
+
+    ``pipeline`` (with ``process`` and ``collate``) replaces ``model``'s own, e.g. to prepare each sample
+    for a distillation teacher too.
+    """
     process, collate = make_pipeline(model, data.max_length, mode)
+    if pipeline is not None:
+        process, collate = pipeline.process, pipeline.collate
     # Its own generator: each new iterator draws a worker base seed, and drawing it from the global RNG
     # would shift dropout masks after a resume (which creates an iterator mid-epoch).
     workers = dict(num_workers=data.num_workers, generator=torch.Generator().manual_seed(seed))

@@ -1,29 +1,52 @@
 """Exports for serving; every export is reloaded and checked against the source before it is reported.
 
-- ``mmpost``: mmpost's own format with LoRA merged; reloads with ``mmpost.load``.
+- ``mmpost``: mmpost's own format with LoRA merged; reloads with ``mmpost.load`` for any parts.
 - ``hf``: transformers' ``LlavaForConditionalGeneration`` layout (see ``hf_llava``); reloads with
   ``AutoModelForImageTextToText`` / ``AutoProcessor``.
+
+With ``quantize``, the quantize pass (``mmpost.quant``) runs first and the LLM is written in the
+compressed-tensors format, which transformers (with ``compressed-tensors`` installed) and vLLM load. The
+report (also written to ``export_report.json``) gives the reloaded export's agreement with the model it
+came from, the quantized model's agreement with the float one, and the size on disk.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from mmpost.export.check import check_hf_export, check_mmpost_export
+from mmpost.config.schema import DataSourceConfig
+from mmpost.export.check import agreement, check_hf_export, check_mmpost_export, outputs, probes
 from mmpost.export.hf_llava import ExportError, export_llava
 from mmpost.model.io import load_lmm, resolve_model_dir
 from mmpost.model.lmm import LMM
 
-__all__ = ["ExportError", "export"]
+__all__ = ["ExportError", "export", "read_report"]
 log = logging.getLogger("mmpost")
+REPORT_NAME = "export_report.json"
 
 
-def export(model: LMM | str | Path, out: str | Path, fmt: str = "mmpost", force: bool = False) -> Path:
-    """Writes ``model`` (a model, saved directory or run) to ``out`` in format ``fmt`` and verifies it.
+def export(
+    model: LMM | str | Path,
+    out: str | Path,
+    fmt: str = "mmpost",
+    force: bool = False,
+    quantize: Any = None,
+    calib: str | Path | DataSourceConfig | None = None,
+) -> Path:
+    """Writes ``model`` (a model, saved directory or run) to ``out`` in format ``fmt``, verifies it, writes
+    the report to ``out/export_report.json`` and returns ``out``.
+
+    Args:
+        quantize: a preset (``w4a16-gptq``), a YAML file of quantize keys, or ``QuantizeOptions``; None
+            exports the weights as they are.
+        calib: calibration data for gptq (a data source, a .json / .jsonl file, shards, or a run config whose
+            training data to use); by default the training data of the run ``model`` names.
 
     Raises:
         FileExistsError: if ``out`` is not empty and ``force`` is False.
@@ -35,24 +58,56 @@ def export(model: LMM | str | Path, out: str | Path, fmt: str = "mmpost", force:
         raise FileExistsError(f"--out {out} is not empty; pass --force to replace it")
     if fmt not in ("mmpost", "hf"):
         raise ExportError(f"unknown export format {fmt!r}; use mmpost or hf")
+    source_dir = None
     if not isinstance(model, LMM):
-        model = load_lmm(resolve_model_dir(model))
+        source_dir = resolve_model_dir(model)
+        model = load_lmm(source_dir)
     model.eval()
+    if fmt == "hf":
+        from mmpost.export.hf_llava import check_llava_compatible
+
+        check_llava_compatible(model)  # before a long quantize pass
+    probe_list = probes(model)
+    report: dict[str, Any] = {"format": fmt}
+    if quantize is not None:
+        report |= quantize_for_export(model, quantize, calib, source_dir, probe_list)
+    expected = outputs(model, probe_list)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with torch.no_grad():
             if fmt == "hf":
                 export_llava(model, tmp)
-                report = check_hf_export(model, tmp)
+                report["reload"] = check_hf_export(model, tmp, probe_list, expected)
             else:
                 model.save(tmp, merge_lora=True)
-                report = check_mmpost_export(model, tmp)
+                report["reload"] = check_mmpost_export(model, tmp, probe_list, expected)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    from mmpost.quant.compressed import disk_sizes
+
+    report["size"] = disk_sizes(tmp)
+    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    log.info("export %s verified: %s", fmt, report)
+    log.info("export %s verified: %s", fmt, json.dumps(report))
     return out
+
+
+def read_report(out: str | Path) -> dict[str, Any]:
+    """The report an export wrote beside its weights."""
+    return json.loads((Path(out) / REPORT_NAME).read_text())
+
+
+def quantize_for_export(model: LMM, spec: Any, calib, source_dir: Path | None, probe_list) -> dict[str, Any]:
+    """Runs the quantize pass on ``model`` and measures how far it moved from the float model."""
+    from mmpost.quant import calibration_samples, load_options, quantize
+
+    options = load_options(spec)
+    samples = calibration_samples(options, calib, source_dir) if options.method == "gptq" else None
+    float_outputs = outputs(model, probe_list)
+    report = quantize(model, options, samples)
+    moved, _ = agreement(float_outputs, outputs(model, probe_list))
+    return {"quantization": report.summary(), "quantized_vs_float": moved}

@@ -5,7 +5,8 @@ The layout fits models whose only modality is ``image``, encoded by a transforme
 tower (``hf_vision``) and connected by a projection: ``mlp`` with depth 2 maps one to one onto
 LLaVA's ``multi_modal_projector`` (linear_1, GELU, linear_2); ``linear`` (or ``mlp`` depth 1)
 becomes linear_1 followed by an identity activation and an identity linear_2, which computes the
-same function. LoRA adapters are merged.
+same function. LoRA adapters are merged. A quantized LLM is written in the compressed-tensors format with
+the vision tower and projector kept in float, and ``AutoModelForImageTextToText`` loads it as it is.
 """
 
 from __future__ import annotations
@@ -62,13 +63,17 @@ def llava_state_dict(model: LMM) -> dict[str, torch.Tensor]:
         state["model.multi_modal_projector.linear_2.weight"] = torch.eye(width, dtype=layers[0].weight.dtype)
         if connector.bias:
             state["model.multi_modal_projector.linear_2.bias"] = torch.zeros(width, dtype=layers[0].weight.dtype)
-    decoder_prefix = model.base_llm.base_model_prefix  # "model" for Llama / Qwen2
     for key, value in base_llm_state_dict(model, merge_lora=True).items():
-        if key.startswith(decoder_prefix + "."):
-            state["model.language_model." + key[len(decoder_prefix) + 1 :]] = value
-        else:
-            state[key] = value  # lm_head.*
+        state[llava_name(model, key)] = value
     return state
+
+
+def llava_name(model: LMM, name: str) -> str:
+    """The LLaVA name of an LLM parameter or module: the decoder moves under ``model.language_model``."""
+    decoder_prefix = model.base_llm.base_model_prefix + "."  # "model." for Llama / Qwen2
+    if name.startswith(decoder_prefix):
+        return "model.language_model." + name[len(decoder_prefix) :]
+    return name  # lm_head.*
 
 
 def export_llava(model: LMM, out: Path) -> Path:
@@ -100,7 +105,13 @@ def export_llava(model: LMM, out: Path) -> Path:
     if config.tie_word_embeddings:
         hf.tie_weights()
     hf.generation_config = model.base_llm.generation_config
-    hf.save_pretrained(out)
+    if model.quantization is None:
+        hf.save_pretrained(out)
+    else:
+        from mmpost.quant.compressed import save_compressed
+
+        save_compressed(hf, out, model.quantization, rename=lambda name: llava_name(model, name),
+                        extra_ignore=["vision_tower", "multi_modal_projector"])  # fmt: skip
     processor = LlavaProcessor(
         image_processor=encoder.image_processor(),
         tokenizer=model.tokenizer,

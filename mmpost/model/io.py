@@ -5,7 +5,8 @@
     DIR/mmpost.json          names every part: encoder / connector registry names and their specs,
                              the LoRA config when adapters are kept unmerged
     DIR/parts.safetensors    encoder and connector weights (``encoders.<modality>.*``, ``connectors.*``)
-    DIR/llm/                 the base LLM and tokenizer as transformers ``save_pretrained`` writes them
+    DIR/llm/                 the base LLM and tokenizer as transformers ``save_pretrained`` writes them;
+                             a quantized LLM in the compressed-tensors format (``mmpost.quant``)
     DIR/llm/adapter/         peft LoRA adapter, when LoRA is kept unmerged
 
 The LLM is kept in transformers' own layout so any transformers tool can read it. A directory is
@@ -15,8 +16,10 @@ model where a complete one is expected.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,6 +80,19 @@ def base_llm_state_dict(model: LMM, merge_lora: bool) -> dict[str, torch.Tensor]
     return clean
 
 
+def fresh_copy(base: torch.nn.Module, state: dict[str, torch.Tensor], clone: Iterable[str] = ()) -> torch.nn.Module:
+    """A new model of ``base``'s class and config holding ``state``'s tensors (shared, not copied, except
+    the weights of the modules named in ``clone``), for writers that rebuild a model's layers."""
+    with torch.device("meta"):
+        fresh = type(base)(copy.deepcopy(base.config))
+    prefixes = tuple(f"{name}." for name in clone)
+    state = {k: v.detach().clone() if k.startswith(prefixes) else v for k, v in state.items()}
+    fresh.load_state_dict(state, strict=True, assign=True)
+    fresh.tie_weights()
+    fresh.generation_config = copy.deepcopy(base.generation_config)
+    return fresh.eval()
+
+
 def save_lmm(model: LMM, path: str | Path, merge_lora: bool = False) -> Path:
     """Writes ``model`` to ``path`` (replacing a previous model directory there) and returns the path."""
     from connectors import CONNECTORS
@@ -99,7 +115,13 @@ def save_lmm(model: LMM, path: str | Path, merge_lora: bool = False) -> Path:
     parts |= {f"connectors.{k}": v for k, v in model.connectors.state_dict().items()}
     save_file({k: v.detach().contiguous().cpu() for k, v in parts.items()}, str(tmp / PARTS_NAME))
     base = model.base_llm
-    base.save_pretrained(tmp / "llm", state_dict=base_llm_state_dict(model, merge_lora))
+    if model.quantization is not None:
+        from mmpost.quant.compressed import save_compressed
+
+        llm = fresh_copy(base, base_llm_state_dict(model, merge_lora=True), clone=model.quantization.layers)
+        save_compressed(llm, tmp / "llm", model.quantization)
+    else:
+        base.save_pretrained(tmp / "llm", state_dict=base_llm_state_dict(model, merge_lora))
     model.tokenizer.save_pretrained(tmp / "llm")
     if keep_adapter:
         model.llm.save_pretrained(tmp / "llm" / "adapter")
@@ -121,6 +143,7 @@ def load_lmm(path: str | Path, dtype: torch.dtype | None = None) -> LMM:
     from connectors import CONNECTORS
     from encoders import ENCODERS
     from mmpost.model.lmm import LMM
+    from mmpost.quant.compressed import adopt_loaded
 
     path = Path(path)
     if not is_model_dir(path):
@@ -129,10 +152,12 @@ def load_lmm(path: str | Path, dtype: torch.dtype | None = None) -> LMM:
     if config.get("format") != "mmpost" or config.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path / CONFIG_NAME}: unsupported format {config.get('format')} v{config.get('version')}")
     llm = AutoModelForCausalLM.from_pretrained(path / "llm", dtype=dtype or torch.float32)
+    quantization = adopt_loaded(llm)
     tokenizer = AutoTokenizer.from_pretrained(path / "llm")
     encoders = {m: ENCODERS.build(**spec) for m, spec in config["encoders"].items()}
     connectors = {m: CONNECTORS.build(**spec) for m, spec in config["connectors"].items()}
     model = LMM(llm, encoders, connectors, tokenizer=tokenizer)
+    model.quantization = quantization
     if config["lora"]:
         model.llm = PeftModel.from_pretrained(llm, path / "llm" / "adapter", is_trainable=True)
         model.lora_config = LoraConfig(**config["lora"])

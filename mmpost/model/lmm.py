@@ -101,6 +101,7 @@ class LMM(nn.Module):
         self.encoders = nn.ModuleDict()
         self.connectors = nn.ModuleDict()
         self.fusion_state = FusionState()  # media for fusion connectors' blocks during a forward
+        self.quantization = None  # the LLM's scales once quantized (mmpost.quant.compressed.QuantState)
         self._fusion_hooks: dict[str, list] = {}
         encoders, connectors = dict(encoders or {}), dict(connectors or {})
         if set(encoders) != set(connectors):
@@ -274,11 +275,14 @@ class LMM(nn.Module):
         media_repeat: int = 1,
         logprobs: bool = False,
         temperature: float = 1.0,
+        label_logits: bool = False,
     ) -> LossOutput | torch.Tensor:
         """With ``labels`` (aligned with ``input_ids``, -100 where ignored): summed next-token CE over the
         label positions only, or with ``logprobs`` the label tokens' log-probabilities ``[B, T-1]`` (entry t
-        for token t + 1, 0 where unlabelled; logits divided by ``temperature`` first). Without: full logits
-        ``[B, T, V]``. Logits are computed at label positions only. ``media_repeat`` as in ``embed``.
+        for token t + 1, 0 where unlabelled; logits divided by ``temperature`` first), or with
+        ``label_logits`` the logits ``[N, V]`` that predict the N label tokens, row by row. Without labels:
+        full logits ``[B, T, V]``. Logits are computed at label positions only. ``media_repeat`` as in
+        ``embed``.
 
         One method serves every stage so that a distributed wrapper (DDP) sees each loss's forward.
         """
@@ -288,6 +292,8 @@ class LMM(nn.Module):
         targets = labels[:, 1:]  # position t predicts token t + 1
         keep = targets != IGNORE  # [B, T-1]
         logits = self.logits_from_hidden(hidden[:, :-1][keep])  # [N, V]
+        if label_logits:
+            return logits
         if not logprobs:
             return LossOutput(loss_sum=cross_entropy_sum(logits, targets[keep]), num_tokens=int(keep.sum()))
         picked = (logits.float() / temperature).log_softmax(-1).gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
