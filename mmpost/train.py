@@ -153,6 +153,7 @@ def start_loop(
     mode: str = "train",
     evaluator: Any = None,
     updates_per_step: int = 1,
+    pipeline: Any = None,
 ) -> Loop:
     """Freezes all but ``parts``, builds the data loader, optimizer and schedule, prepares the model, and
     restores a resumed run's state (or evaluates the starting model).
@@ -163,6 +164,7 @@ def start_loop(
         evaluator: ``evaluator(model, step) -> metrics`` with an ``enabled`` flag; default: held-out loss and
             generation accuracy on ``data.eval``.
         updates_per_step: optimizer updates per loop step (grpo's μ), for the schedule's length.
+        pipeline: replaces the model's own sample processing and collation (see ``make_loader``).
     """
     cfg, acc, t = ctx.cfg, ctx.accelerator, ctx.cfg.train
     table = apply_trainable(model, parts)
@@ -170,7 +172,7 @@ def start_loop(
         log.info("trainable parameters (%s):\n%s", ", ".join(parts), table)
     loader, sampler = make_loader(
         samples, cfg.data.train, model, cfg.data, t.batch_size, mode,
-        acc.process_index, acc.num_processes, cfg.seed, shuffle=True,
+        acc.process_index, acc.num_processes, cfg.seed, shuffle=True, pipeline=pipeline,
     )  # fmt: skip
     if sampler is None and t.max_steps == 0:
         raise DataError("webdataset shards have no known length: set train.max_steps")
@@ -227,6 +229,8 @@ def fit(
     mode: str = "train",
     evaluator: Any = None,
     samples: list[Sample] | None | str = "read",
+    pipeline: Any = None,
+    prepare: Callable[[LMM, dict[str, Any]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Trains ``parts`` of ``model`` on ``data.train``; writes metrics, checkpoints and ``final/``.
 
@@ -237,6 +241,9 @@ def fit(
         mode: how samples become batches (see ``SampleProcessor``): "train" or "pair".
         evaluator: as in ``start_loop``.
         samples: ``data.train``'s samples when the stage has read them already; "read" reads them here.
+        pipeline: as in ``start_loop``.
+        prepare: rewrites each micro-batch (on the device) before it is counted and trained on, e.g. with
+            the model's own samples as answers (on-policy distillation).
 
     Returns:
         the run summary (also written to ``RUN/summary.json``): first and last evaluation, steps, time.
@@ -244,13 +251,15 @@ def fit(
     cfg, acc, t = ctx.cfg, ctx.accelerator, ctx.cfg.train
     if samples == "read":
         samples = read_source(cfg.data.train, "data.train")
-    loop = start_loop(ctx, model, parts, samples, mode, evaluator)
+    loop = start_loop(ctx, model, parts, samples, mode, evaluator, pipeline=pipeline)
     wrapped, optimizer, scheduler, metrics = loop.wrapped, loop.optimizer, loop.scheduler, loop.metrics
     state, total, trainable = loop.state, loop.total, loop.trainable
     bar = tqdm(total=total, initial=state["step"], desc=cfg.stage["name"], disable=not acc.is_main_process)
     started, window = time.perf_counter(), {"tokens": 0, "samples": 0, "time": time.perf_counter()}
     while state["step"] < total:
         micro = [next(loop.batches) for _ in range(t.grad_accum)]
+        if prepare is not None:
+            micro = [prepare(model, to_device(b, acc.device)) for b in micro]
         (n_tokens,) = count_batches(ctx, state, micro, sum(units(b) for b in micro))
         loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
         stats: dict[str, torch.Tensor] = {}
