@@ -109,7 +109,11 @@ def cmd_config(args: argparse.Namespace) -> int:
     from mmpost.config.loader import describe, describe_registry
 
     if args.action == "keys":
+        from mmpost.quant import QuantizeOptions
+
         print("\n".join(describe(RunConfig)))
+        print("\nexport --quantize FILE.yaml (keys of the file):")
+        print("\n".join(describe(QuantizeOptions)))
         for registry in ("stages", "encoders", "connectors"):
             print()
             print("\n".join(describe_registry(registry)))
@@ -134,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--force", action="store_true", help="replace a previous demo in --out")
     p.add_argument("--stages", choices=["sft", "all"], default="sft",
-                   help="sft: align and sft (default); all: then dpo, and grpo from a short sft run")  # fmt: skip
+                   help="sft: align and sft (default); all: then dpo, grpo from a short sft run, distill "
+                        "into a smaller LLM, and an int4 GPTQ export")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a few steps on a sliver of the data: checks the install")
     p.set_defaults(func=cmd_demo)
 

@@ -10,7 +10,8 @@ only points their paths into ``OUT``.
 ``--stages all`` goes on after sft: ``dpo`` on synthetic preference pairs from the sft model, and ``grpo``
 on counting questions from ``sft_short``, the sft config stopped after 60 steps at a constant learning
 rate so that its counting is still unreliable (GRPO has something to improve; after the full sft it is
-already near 0.92).
+already near 0.92); then ``distill`` trains a student with a smaller LLM (half the width and layers, same
+tokenizer) on the sft model's distributions, and the sft model is also exported with int4 GPTQ weights.
 
 The tiny LLM starts from random weights, so alignment alone (LLM frozen) cannot answer questions:
 it only fits the connector. Instruction tuning then trains connector and LLM.
@@ -38,16 +39,17 @@ QUICK = {
     "train": 96,
     "heldout": 30,
     "pretrain": 20,
-    "steps": {"align": 4, "sft": 8, "sft_short": 4, "dpo": 4, "grpo": 4},
+    "steps": {"align": 4, "sft": 8, "sft_short": 4, "dpo": 4, "grpo": 4, "distill": 4},
 }
 SFT_SHORT_STEPS = 60
-STAGE_ORDER = ("align", "sft", "dpo", "sft_short", "grpo")
+STAGE_ORDER = ("align", "sft", "dpo", "sft_short", "grpo", "distill")
 DATA = {  # train and eval files of each stage, under OUT/data
     "align": ("align.json", "heldout.jsonl"),
     "sft": ("sft.json", "heldout.jsonl"),
     "sft_short": ("sft.json", "heldout.jsonl"),
     "dpo": ("pairs.json", "pairs_heldout.jsonl"),
     "grpo": ("count.json", "count_heldout.jsonl"),
+    "distill": ("sft.json", "heldout.jsonl"),
 }
 STARTS_FROM = {"sft": "align", "sft_short": "align", "dpo": "sft", "grpo": "sft_short"}
 
@@ -67,6 +69,10 @@ def build_parts(out: Path, quick: bool = False) -> None:
     tokenizer = make_tiny_tokenizer(out / "base" / "llm", texts)
     make_tiny_llm(
         out / "base" / "llm", tokenizer, hidden_size=128, layers=4, heads=4, kv_heads=2, intermediate_size=384
+    )
+    # the distillation student's LLM: same tokenizer, half the width and layers
+    make_tiny_llm(
+        out / "base" / "llm_small", tokenizer, hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=192
     )
     tower = make_tiny_clip(out / "base" / "clip", image_size=64, patch_size=8, hidden_size=64, layers=2, heads=4)
     scores = pretrain_tiny_tower(tower, steps=QUICK["pretrain"] if quick else TOWER_PRETRAIN_STEPS)
@@ -89,6 +95,10 @@ def stage_overrides(out: Path, stage: str, quick: bool = False) -> list[str]:
     ]
     if stage == "align":
         return [*common, f"model.llm.path={out / 'base' / 'llm'}", f"model.encoders.image.path={out / 'base' / 'clip'}"]
+    if stage == "distill":
+        base = out / "base"
+        return [*common, f"model.llm.path={base / 'llm_small'}", f"model.encoders.image.path={base / 'clip'}",
+                f"stage.teacher={out / 'runs' / 'sft'}"]  # fmt: skip
     return [*common, f"from={out / 'runs' / STARTS_FROM[stage]}"]
 
 
@@ -125,7 +135,7 @@ def run_demo(out: Path, force: bool = False, quick: bool = False, stages: str = 
         FileExistsError: if ``out`` is not empty and ``force`` is False.
         FileNotFoundError: if the demo configs (a source checkout's ``configs/demo``) are missing.
     """
-    from mmpost.export import export
+    from mmpost.export import export, read_report
     from mmpost.stages import STAGES
 
     if out.exists() and any(out.iterdir()):
@@ -150,6 +160,10 @@ def run_demo(out: Path, force: bool = False, quick: bool = False, stages: str = 
         log.info("%s: held-out accuracy %s -> %s", stage, s["heldout_accuracy_before"], s["heldout_accuracy"])
     log.info("export to transformers' LLaVA layout")
     summary["export"] = str(export(out / "runs" / "sft", out / "export", fmt="hf"))
+    if stages == "all":
+        log.info("quantized export: int4 weights, GPTQ calibrated on the sft data with its images")
+        quantized = export(out / "runs" / "sft", out / "export_w4", fmt="hf", quantize="w4a16-gptq")
+        summary["quantized_export"] = {"dir": str(quantized), **read_report(quantized)}
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary["example_image"] = str(min((out / "data" / "images" / "heldout").glob("*.png")))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -170,5 +184,10 @@ def print_table(summary: dict[str, Any]) -> None:
             f"{s['heldout_accuracy']:>8.3f}   {tasks}"
         )
     print(f"\nexported (transformers LLaVA layout, verified): {summary['export']}")
+    if "quantized_export" in summary:
+        q = summary["quantized_export"]
+        print(f"exported {q['quantization']['scheme']} (compressed-tensors, verified): {q['dir']}; quantized layers "
+              f"{q['size']['quantized_layer_ratio']:.2f} of their bf16 size; greedy agreement with the float model "
+              f"{q['quantized_vs_float']['greedy_agreement']}")  # fmt: skip
     print(f"total {summary['seconds']:.0f} s. Try:\n  mmpost generate {summary['stages']['sft']['run']} "
           f"--image {summary['example_image']} --prompt 'What shape is it?'")  # fmt: skip

@@ -1,0 +1,128 @@
+"""What quantization costs a trained model: held-out accuracy, loss and drift from the float model per scheme.
+
+    python tools/quant_eval.py RUN [--schemes w8a16,w4a16,w4a16-gptq,w4a16-gptq-text,w4a16-g32-gptq]
+                               [--calib-samples 128] [--eval-samples 300] [--json out.json]
+
+For each scheme the float model of ``RUN`` (a finished run: its ``final/`` and ``config.yaml``) is loaded,
+quantized with ``mmpost.quant`` (GPTQ calibrated on the run's training data), and measured on the run's
+held-out set (``data.eval``, multimodal):
+
+- ``accuracy``: exact-match accuracy of greedy answers, and its change from the float model in points;
+- ``loss``: held-out answer cross-entropy;
+- ``kl_to_float``: mean KL(float || quantized) of the next-token distributions over held-out answer tokens;
+- ``gptq_error`` / ``rtn_error``: mean relative output error of the quantized layers on their calibration
+  inputs, GPTQ's weights against round-to-nearest's on the same inputs;
+- ``layer_ratio``: bytes of the quantized layers in the saved compressed-tensors checkpoint over the same
+  layers in bfloat16.
+
+Scheme names are the export presets; ``-text`` calibrates on the same samples without their media (what
+text-only tools do), ``-g32`` uses groups of 32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+DEFAULT_SCHEMES = "float,w8a16,w4a16,w4a16-gptq,w4a16-gptq-text,w4a16-g32-gptq"
+
+
+def options_for(name: str, calib_samples: int):
+    from mmpost.quant import PRESETS
+
+    base = name.replace("-text", "").replace("-g32", "")
+    options = replace(PRESETS[base], num_samples=calib_samples)
+    if "-text" in name:
+        options = replace(options, calibration="text")
+    if "-g32" in name:
+        options = replace(options, group_size=32)
+    return options
+
+
+@torch.no_grad()
+def measure(model, float_model, cfg, samples, accelerator) -> dict:
+    """Held-out accuracy and loss of ``model``, and its KL to ``float_model`` on the answer tokens."""
+    from torch.utils.data import DataLoader
+
+    from mmpost.data.loader import make_pipeline
+    from mmpost.training.evaluate import eval_accuracy, eval_loss, to_device
+
+    def loader(m, mode):
+        process, collate = make_pipeline(m, cfg.data.max_length, mode)
+        return DataLoader([process(s) for s in samples], batch_size=cfg.eval.batch_size, collate_fn=collate)
+
+    tasks = sorted({str(s.meta.get("task", "")) for s in samples} - {""})
+    accuracy, _ = eval_accuracy(model, loader(model, "generate"), accelerator, cfg.eval.max_new_tokens, tasks)
+    result = {"accuracy": accuracy["eval/accuracy"], "loss": eval_loss(model, loader(model, "train"), accelerator)}
+    result |= {f"accuracy/{k.split('/')[-1]}": v for k, v in accuracy.items() if k.count("/") == 2}
+    kl_sum, tokens = 0.0, 0
+    for batch in loader(model, "train"):
+        batch = to_device(batch, accelerator.device)
+        args = (batch["input_ids"], batch["attention_mask"], batch["media"], batch["labels"])
+        p = float_model(*args, label_logits=True).log_softmax(-1)
+        q = model(*args, label_logits=True).log_softmax(-1)
+        kl_sum += float((p.exp() * (p - q)).sum())
+        tokens += p.shape[0]
+    result["kl_to_float"] = kl_sum / max(tokens, 1)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="a finished run directory (final/ and config.yaml)")
+    parser.add_argument("--schemes", default=DEFAULT_SCHEMES, help=f"comma-separated (default: {DEFAULT_SCHEMES})")
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--eval-samples", type=int, default=300)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+
+    from accelerate import Accelerator
+
+    from mmpost.cli import quiet_libraries
+    from mmpost.config import load_config
+    from mmpost.data.loader import read_source
+    from mmpost.model.io import load_lmm, resolve_model_dir
+    from mmpost.quant import calibration_samples, quantize
+    from mmpost.quant.compressed import disk_sizes
+
+    quiet_libraries()
+    torch.manual_seed(0)
+    run = Path(args.run)
+    final = resolve_model_dir(run)
+    cfg = load_config(run / "config.yaml")
+    held_out = read_source(cfg.data.eval, "data.eval")[: args.eval_samples]
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    float_model = load_lmm(final).eval().to(accelerator.device)
+    rows = {}
+    for name in args.schemes.split(","):
+        model = load_lmm(final).eval().to(accelerator.device)
+        row: dict = {}
+        if name != "float":
+            options = options_for(name, args.calib_samples)
+            samples = calibration_samples(options, None, final) if options.method == "gptq" else None
+            report = quantize(model, options, samples, progress=False).summary()
+            row |= {"scheme": report["scheme"], "seconds": report["seconds"]}
+            if "mean_error_gptq" in report:
+                row |= {"gptq_error": report["mean_error_gptq"], "rtn_error": report["mean_error_rtn"]}
+            with tempfile.TemporaryDirectory() as tmp:
+                model.save(Path(tmp) / "q")
+                row["layer_ratio"] = disk_sizes(Path(tmp) / "q")["quantized_layer_ratio"]
+        row |= measure(model, float_model, cfg, held_out, accelerator)
+        if "float" in rows:
+            row["accuracy_change_points"] = 100 * (row["accuracy"] - rows["float"]["accuracy"])
+        rows[name] = row
+        shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+        print(f"{name:<18} {shown}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
