@@ -72,7 +72,7 @@ def test_registered_parts_are_checked_against_their_constructor(tmp_path):
         load_config(write(tmp_path, base | {"model": {"connectors": {"image": {"name": "mlp", "depth": "2"}}}}))
     with pytest.raises(ConfigError, match=r"model\.encoders\.image: encoder 'timm' needs model"):
         load_config(write(tmp_path, base | {"model": {"encoders": {"image": {"name": "timm"}}}}))
-    with pytest.raises(ConfigError, match=r"stage\.name: unknown stage 'sfft'.*align, dpo, grpo, sft"):
+    with pytest.raises(ConfigError, match=r"stage\.name: unknown stage 'sfft'.*align, distill, dpo, grpo, sft"):
         load_config(write(tmp_path, {"stage": "sfft"}))
     cfg = load_config(write(tmp_path, base | {"model": {"connectors": {"image": "linear"}}}))
     assert cfg.model.connectors["image"] == {"name": "linear"}
@@ -100,14 +100,22 @@ def test_every_key_is_documented():
                 assert not line.rstrip().endswith(":"), f"undocumented argument: {line}"
 
 
-RUN_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
+RUN_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not {"accelerate", "quant"} & set(p.parts))
 LAUNCH_CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+QUANT_CONFIGS = sorted((ROOT / "configs" / "quant").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_run_config_parses(path):
     cfg = load_config(path)
-    assert cfg.stage["name"] in ("align", "sft", "dpo", "grpo")
+    assert cfg.stage["name"] in ("align", "sft", "dpo", "grpo", "distill")
+
+
+@pytest.mark.parametrize("path", QUANT_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_quantize_config_parses(path):
+    from mmpost.quant import load_options
+
+    assert load_options(str(path)).bits in (4, 8)
 
 
 @pytest.mark.parametrize("path", LAUNCH_CONFIGS, ids=lambda p: p.name)

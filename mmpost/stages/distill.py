@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from typing import Any
 
 import torch
@@ -78,6 +79,9 @@ class Distill:
                 raise ValueError(f"stage.{key} must lie in [0, 1]; got {value}")
         if not temperature > 0:
             raise ValueError(f"stage.temperature must be positive; got {temperature}")
+        if teacher_top_k < 0 or max_new_tokens < 1:
+            raise ValueError(f"stage.teacher_top_k must be >= 0 and stage.max_new_tokens >= 1; got {teacher_top_k}, "
+                             f"{max_new_tokens}")  # fmt: skip
         if teacher_top_k and on_policy:
             raise ValueError("stage.teacher_top_k needs the teacher's scores of fixed answers; set on_policy: 0")
         self.teacher_path, self.top_k = teacher, teacher_top_k
@@ -141,6 +145,10 @@ def precompute_top_k(
     ctx: RunContext, model: LMM, teacher: Teacher, samples: list[Sample], pipeline: Any, k: int
 ) -> dict[str, TopK]:
     """The teacher's top-k log-probs at every answer token of every training sample, by sample id."""
+    twice = sorted(i for i, n in Counter(s.id for s in samples).items() if n > 1)[:5]
+    if twice:
+        raise DataError(f"stage.teacher_top_k stores the teacher's scores by sample id, but data.train repeats ids "
+                        f"{twice}: give every sample its own id")  # fmt: skip
     acc = ctx.accelerator
     loader, _ = make_loader(samples, ctx.cfg.data.train, model, ctx.cfg.data, ctx.cfg.train.batch_size, "train",
                             0, 1, ctx.cfg.seed, shuffle=False, pipeline=pipeline)  # fmt: skip
