@@ -46,8 +46,9 @@ def media_refs(sample: Sample, media_dir: Path) -> dict[str, list[str]]:
         for n, ref in enumerate(refs):
             if isinstance(ref, bytes):
                 media_dir.mkdir(parents=True, exist_ok=True)
-                ref = media_dir / f"{sample.id.replace('/', '_')}-{modality}-{n}.bin"
-                ref.write_bytes(sample.media[modality][n])
+                path = media_dir / f"{sample.id.replace('/', '_')}-{modality}-{n}.bin"
+                path.write_bytes(ref)
+                ref = path
             paths.append(str(Path(ref).resolve()))
         out[MEDIA_KEYS[modality]] = paths
     return out

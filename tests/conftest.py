@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
+from helpers import write_run_config
 
 import mmpost
 from mmpost.data.synth import synthesize
@@ -90,32 +90,7 @@ def run_config(tmp_path, synth_dir, llm_dir, clip_dir):
     """Writes a tiny run config (align on captions by default) and returns its path; kwargs override keys."""
 
     def write(name: str = "run", **sections: Any) -> Path:
-        cfg: dict[str, Any] = {
-            "stage": "align",
-            "out": str(tmp_path / name),
-            "seed": 0,
-            "model": {
-                "llm": {"path": str(llm_dir)},
-                "encoders": {"image": {"name": "hf_vision", "path": str(clip_dir)}},
-                "connectors": {"image": {"name": "mlp", "depth": 2}},
-            },
-            "data": {
-                "train": {"path": str(synth_dir / "align.json"), "image_root": str(synth_dir / "images")},
-                "eval": {"path": str(synth_dir / "heldout.jsonl"), "image_root": str(synth_dir / "images")},
-                "max_length": 128,
-                "num_workers": 0,
-            },
-            "train": {"lr": 3e-3, "batch_size": 8, "max_steps": 6, "log_every": 1, "warmup_ratio": 0.0},
-            "eval": {"max_samples": 8, "batch_size": 8, "max_new_tokens": 3},
-        }
-        for key, value in sections.items():
-            if isinstance(value, dict) and isinstance(cfg.get(key), dict):
-                cfg[key] = {**cfg[key], **value}
-            else:
-                cfg[key] = value
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
+        return write_run_config(tmp_path, synth_dir, llm_dir, clip_dir, name, **sections)
 
     return write
 

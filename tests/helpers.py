@@ -2,9 +2,44 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
+import yaml
 
 from mmpost.data.loader import make_pipeline
+
+
+def write_run_config(folder: Path, synth_dir: Path, llm_dir: Path, clip_dir: Path, name: str, **sections: Any) -> Path:
+    """Writes ``folder/name.yaml``: a tiny run (align on captions by default, output in ``folder/name``); each
+    keyword replaces a top-level key, or updates it when both are mappings."""
+    cfg: dict[str, Any] = {
+        "stage": "align",
+        "out": str(folder / name),
+        "seed": 0,
+        "model": {
+            "llm": {"path": str(llm_dir)},
+            "encoders": {"image": {"name": "hf_vision", "path": str(clip_dir)}},
+            "connectors": {"image": {"name": "mlp", "depth": 2}},
+        },
+        "data": {
+            "train": {"path": str(synth_dir / "align.json"), "image_root": str(synth_dir / "images")},
+            "eval": {"path": str(synth_dir / "heldout.jsonl"), "image_root": str(synth_dir / "images")},
+            "max_length": 128,
+            "num_workers": 0,
+        },
+        "train": {"lr": 3e-3, "batch_size": 8, "max_steps": 6, "log_every": 1, "warmup_ratio": 0.0},
+        "eval": {"max_samples": 8, "batch_size": 8, "max_new_tokens": 3},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
 
 
 def make_batch(model, samples, mode: str = "train"):

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
+from helpers import write_run_config
 from transformers import AutoTokenizer
 
 import mmpost
@@ -66,32 +66,9 @@ def config(work, synth_dir, llm_dir, clip_dir):
     """Writes a tiny run config (sft on the synthetic conversations, no evaluation); kwargs override keys."""
 
     def write(name: str, **sections: Any) -> Path:
-        images = str(synth_dir / "images")
-        cfg: dict[str, Any] = {
-            "stage": "sft",
-            "out": str(work / name),
-            "seed": 0,
-            "model": {
-                "llm": {"path": str(llm_dir)},
-                "encoders": {"image": {"name": "hf_vision", "path": str(clip_dir)}},
-                "connectors": {"image": {"name": "mlp", "depth": 2}},
-            },
-            "data": {
-                "train": {"path": str(synth_dir / "sft.json"), "image_root": images},
-                "eval": None,
-                "max_length": 128,
-                "num_workers": 0,
-            },
-            "train": {"lr": 3e-3, "batch_size": 8, "max_steps": 6, "log_every": 1, "warmup_ratio": 0.0},
-        }
-        for key, value in sections.items():
-            if isinstance(value, dict) and isinstance(cfg.get(key), dict):
-                cfg[key] = {**cfg[key], **value}
-            else:
-                cfg[key] = value
-        path = work / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
+        data = {"train": {"path": str(synth_dir / "sft.json"), "image_root": str(synth_dir / "images")}, "eval": None}
+        sections = {"stage": "sft", **sections, "data": {**data, **sections.get("data", {})}}
+        return write_run_config(work, synth_dir, llm_dir, clip_dir, name, **sections)
 
     return write
 

@@ -45,24 +45,29 @@ def options_for(name: str, calib_samples: int):
     return options
 
 
-@torch.no_grad()
-def measure(model, float_model, cfg, samples, accelerator) -> dict:
-    """Held-out accuracy and loss of ``model``, and its KL to ``float_model`` on the answer tokens."""
-    from torch.utils.data import DataLoader
-
+def held_out_batches(model, cfg, samples) -> dict[str, list]:
+    """The held-out samples batched once for every scheme: prompts for accuracy, conversations for loss and KL."""
     from mmpost.data.loader import make_pipeline
+
+    batches = {}
+    for mode in ("generate", "train"):
+        process, collate = make_pipeline(model, cfg.data.max_length, mode)
+        items = [process(s) for s in samples]
+        size = cfg.eval.batch_size
+        batches[mode] = [collate(items[i : i + size]) for i in range(0, len(items), size)]
+    return batches
+
+
+@torch.no_grad()
+def measure(model, float_model, cfg, batches: dict[str, list], tasks: list[str], accelerator) -> dict:
+    """Held-out accuracy and loss of ``model``, and its KL to ``float_model`` on the answer tokens."""
     from mmpost.training.evaluate import eval_accuracy, eval_loss, to_device
 
-    def loader(m, mode):
-        process, collate = make_pipeline(m, cfg.data.max_length, mode)
-        return DataLoader([process(s) for s in samples], batch_size=cfg.eval.batch_size, collate_fn=collate)
-
-    tasks = sorted({str(s.meta.get("task", "")) for s in samples} - {""})
-    accuracy, _ = eval_accuracy(model, loader(model, "generate"), accelerator, cfg.eval.max_new_tokens, tasks)
-    result = {"accuracy": accuracy["eval/accuracy"], "loss": eval_loss(model, loader(model, "train"), accelerator)}
+    accuracy, _ = eval_accuracy(model, batches["generate"], accelerator, cfg.eval.max_new_tokens, tasks)
+    result = {"accuracy": accuracy["eval/accuracy"], "loss": eval_loss(model, batches["train"], accelerator)}
     result |= {f"accuracy/{k.split('/')[-1]}": v for k, v in accuracy.items() if k.count("/") == 2}
     kl_sum, tokens = 0.0, 0
-    for batch in loader(model, "train"):
+    for batch in batches["train"]:
         batch = to_device(batch, accelerator.device)
         args = (batch["input_ids"], batch["attention_mask"], batch["media"], batch["labels"])
         p = float_model(*args, label_logits=True).log_softmax(-1)
@@ -99,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     held_out = read_source(cfg.data.eval, "data.eval")[: args.eval_samples]
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     float_model = load_lmm(final).eval().to(accelerator.device)
+    batches = held_out_batches(float_model, cfg, held_out)
+    tasks = sorted({str(s.meta.get("task", "")) for s in held_out} - {""})
     rows = {}
     for name in args.schemes.split(","):
         model = load_lmm(final).eval().to(accelerator.device)
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 model.save(Path(tmp) / "q")
                 row["layer_ratio"] = disk_sizes(Path(tmp) / "q")["quantized_layer_ratio"]
-        row |= measure(model, float_model, cfg, held_out, accelerator)
+        row |= measure(model, float_model, cfg, batches, tasks, accelerator)
         if "float" in rows:
             row["accuracy_change_points"] = 100 * (row["accuracy"] - rows["float"]["accuracy"])
         rows[name] = row

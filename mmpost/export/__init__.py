@@ -70,8 +70,10 @@ def export(
     probe_list = probes(model)
     report: dict[str, Any] = {"format": fmt}
     if quantize is not None:
-        report |= quantize_for_export(model, quantize, calib, source_dir, probe_list)
-    expected = outputs(model, probe_list)
+        figures, expected = quantize_for_export(model, quantize, calib, source_dir, probe_list)
+        report |= figures
+    else:
+        expected = outputs(model, probe_list)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -101,13 +103,15 @@ def read_report(out: str | Path) -> dict[str, Any]:
     return json.loads((Path(out) / REPORT_NAME).read_text())
 
 
-def quantize_for_export(model: LMM, spec: Any, calib, source_dir: Path | None, probe_list) -> dict[str, Any]:
-    """Runs the quantize pass on ``model`` and measures how far it moved from the float model."""
+def quantize_for_export(model: LMM, spec: Any, calib, source_dir: Path | None, probe_list) -> tuple[dict, list]:
+    """Runs the quantize pass on ``model``; returns how far it moved from the float model, and the quantized
+    model's outputs on the probes (what the export must reproduce)."""
     from mmpost.quant import calibration_samples, load_options, quantize
 
     options = load_options(spec)
     samples = calibration_samples(options, calib, source_dir) if options.method == "gptq" else None
     float_outputs = outputs(model, probe_list)
     report = quantize(model, options, samples)
-    moved, _ = agreement(float_outputs, outputs(model, probe_list))
-    return {"quantization": report.summary(), "quantized_vs_float": moved}
+    quantized_outputs = outputs(model, probe_list)
+    moved, _ = agreement(float_outputs, quantized_outputs)
+    return {"quantization": report.summary(), "quantized_vs_float": moved}, quantized_outputs

@@ -121,7 +121,6 @@ def adopt_loaded(llm: nn.Module) -> QuantState | None:
     installs fires only on the top-level forward).
     """
     quantizer = getattr(llm, "hf_quantizer", None)
-    qconfig = getattr(llm.config, "quantization_config", None)
     if quantizer is None or getattr(quantizer, "compressor", None) is None:
         return None
     quantizer.compressor.decompress_model(llm)
@@ -129,7 +128,7 @@ def adopt_loaded(llm: nn.Module) -> QuantState | None:
     scheme_args = next(iter(ct.config_groups.values())).weights
     scheme = WeightScheme(bits=scheme_args.num_bits, symmetric=scheme_args.symmetric, group_size=scheme_args.group_size)
     ignore = [p.removeprefix("re:.*") for p in ct.ignore if p.startswith("re:.*")]
-    state = QuantState(scheme=scheme, ignore=ignore, method=str(getattr(qconfig, "method", "rtn")))
+    state = QuantState(scheme=scheme, ignore=ignore, method="loaded")  # the checkpoint does not say rtn or gptq
     for name, module in llm.named_modules():
         if not hasattr(module, "quantization_scheme"):
             continue

@@ -103,10 +103,11 @@ class Distill:
         if table is not None:
             teacher.model.to("meta")  # frees its memory
         loss = DistillLoss(teacher, table, self.options, self.alpha)
-        prepare = OnPolicy(ctx, teacher, self.on_policy, self.max_new_tokens, self.options["temperature"])
+        prepare = None
+        if self.on_policy:
+            prepare = OnPolicy(ctx, teacher, self.on_policy, self.max_new_tokens, self.options["temperature"])
         parts = cfg.train.trainable or self.default_trainable(model)
-        return fit(ctx, model, parts, loss, samples=samples, pipeline=pipeline,
-                   prepare=prepare if self.on_policy else None)  # fmt: skip
+        return fit(ctx, model, parts, loss, samples=samples, pipeline=pipeline, prepare=prepare)
 
 
 class DistillLoss:
