@@ -2,9 +2,10 @@
 
 The transformer is transformers' own ``Blip2QFormerModel`` (self-attention over the queries,
 cross-attention to the encoder features every ``cross_attention_frequency`` layers, feed-forward,
-BERT-style post-norm), so a BLIP-2 checkpoint's Q-Former weights load unchanged and its outputs are
-transformers' outputs. mmpost adds the learnt query tokens and the linear map to the LLM width, as
-``Blip2ForConditionalGeneration`` does (``query_tokens``, ``language_projection``).
+BERT-style post-norm), so a BLIP-2 checkpoint's Q-Former weights load unchanged and, built from the
+checkpoint's whole Q-Former config, its outputs are transformers' outputs. mmpost adds the learnt query
+tokens and the linear map to the LLM width, as ``Blip2ForConditionalGeneration`` does (``query_tokens``,
+``language_projection``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Blip2QFormerConfig, Blip2QFormerModel
+from transformers import Blip2QFormerConfig, Blip2QFormerModel, PretrainedConfig
 
 from mmpost.interfaces import Connector
 from mmpost.weights import load_pretrained_dir, resolve_path
@@ -24,6 +25,20 @@ from mmpost.weights import load_pretrained_dir, resolve_path
 log = logging.getLogger(__name__)
 
 _PREFIXES = ("qformer.", "blip.qformer.", "model.qformer.")
+# Blip2QFormerConfig field -> the constructor argument that sets it
+_SIZE_ARGS = {
+    "hidden_size": "hidden_size",
+    "num_hidden_layers": "layers",
+    "num_attention_heads": "heads",
+    "intermediate_size": "intermediate_size",
+    "cross_attention_frequency": "cross_attention_frequency",
+}
+_DEFAULTS = Blip2QFormerConfig().to_dict()
+# The Q-Former's own fields (not PretrainedConfig's generic ones) that `config` holds: all but the sizes,
+# which have arguments, and the encoder width, which the encoder fixes
+CONFIG_KEYS = tuple(
+    sorted(set(_DEFAULTS) - set(PretrainedConfig().to_dict()) - set(_SIZE_ARGS) - {"encoder_hidden_size"})
+)
 
 
 class QFormerConnector(Connector):
@@ -36,10 +51,23 @@ class QFormerConnector(Connector):
         heads: attention heads; must divide ``hidden_size``.
         intermediate_size: feed-forward width; default ``4 * hidden_size``.
         cross_attention_frequency: a layer ``i`` cross-attends to the features when ``i % frequency == 0``.
-        dropout: dropout of hidden states and attention probabilities while training.
+        dropout: dropout of hidden states and attention probabilities while training; sets both
+            ``hidden_dropout_prob`` and ``attention_probs_dropout_prob`` over ``config`` and the
+            checkpoint. None (the default) keeps their values, 0.1 when neither sets them.
+        config: the other ``Blip2QFormerConfig`` fields (``CONFIG_KEYS``): ``layer_norm_eps``,
+            ``hidden_act``, ``hidden_dropout_prob``, ``attention_probs_dropout_prob``,
+            ``max_position_embeddings``, ``vocab_size``, ``pad_token_id``, ``initializer_range``,
+            ``use_qformer_text_input``; unset ones take Blip2QFormerConfig's defaults. Built from a
+            ``path``, ``spec()`` writes here the checkpoint's fields that differ from the defaults, so a
+            saved model rebuilds the same Q-Former.
         path: a ``save_pretrained`` directory of a ``Blip2QFormerModel``, or of a BLIP-2 model
             (``Blip2ForConditionalGeneration`` / ``Blip2Model``) whose Q-Former, query tokens and,
-            when the widths fit, language projection are loaded. Its config sets the sizes above.
+            when the widths fit, language projection are loaded. Its config sets the sizes and
+            ``config`` above; its ``encoder_hidden_size`` must be the encoder's width.
+
+    Raises:
+        ValueError: on both ``path`` and ``config``, a ``config`` key not in ``CONFIG_KEYS``, heads that
+            do not divide ``hidden_size``, or (at build) a checkpoint made for another encoder width.
     """
 
     def __init__(
@@ -50,10 +78,17 @@ class QFormerConnector(Connector):
         heads: int = 12,
         intermediate_size: int | None = None,
         cross_attention_frequency: int = 2,
-        dropout: float = 0.1,
+        dropout: float | None = None,
+        config: dict[str, Any] | None = None,
         path: str | None = None,
     ) -> None:
         super().__init__()
+        if path is not None and config is not None:
+            raise ValueError("qformer: give `path` (whose checkpoint config is used) or `config`, not both")
+        unknown = sorted(set(config or {}) - set(CONFIG_KEYS))
+        if unknown:
+            named = [f"{key} (set it with `{_SIZE_ARGS[key]}`)" if key in _SIZE_ARGS else key for key in unknown]
+            raise ValueError(f"qformer: unknown config keys {', '.join(named)}; valid: {', '.join(CONFIG_KEYS)}")
         self.path = path
         self.pretrained: dict[str, torch.Tensor] = {}
         self.encoder_width: int | None = None  # fixed by a checkpoint's cross-attention
@@ -64,13 +99,17 @@ class QFormerConnector(Connector):
             "intermediate_size": intermediate_size or 4 * hidden_size,
             "cross_attention_frequency": cross_attention_frequency,
         }
+        fields = dict(config or {})
         if path is not None:
             loaded, num_queries, self.pretrained = _read_checkpoint(path, num_queries)
             sizes = {key: loaded[key] for key in sizes}
+            fields = {key: loaded[key] for key in CONFIG_KEYS}
             self.encoder_width = loaded["encoder_hidden_size"]
         self.num_queries = num_queries
         self.sizes = sizes
         self.dropout = dropout
+        # only the fields that differ from the defaults, so spec() stays short for the common case
+        self.config = {key: value for key, value in fields.items() if value != _DEFAULTS[key]}
         if sizes["hidden_size"] % sizes["num_attention_heads"]:
             raise ValueError(
                 f"qformer: {sizes['num_attention_heads']} heads do not divide hidden_size {sizes['hidden_size']}"
@@ -82,12 +121,10 @@ class QFormerConnector(Connector):
                 f"qformer: the checkpoint {self.path} cross-attends to {self.encoder_width}-wide features, "
                 f"but the encoder gives {in_dim}-wide features"
             )
-        config = Blip2QFormerConfig(
-            **self.sizes,
-            encoder_hidden_size=in_dim,
-            hidden_dropout_prob=self.dropout,
-            attention_probs_dropout_prob=self.dropout,
-        )
+        dropout = {}
+        if self.dropout is not None:  # the argument sets both, over the checkpoint's and `config`'s
+            dropout = {"hidden_dropout_prob": self.dropout, "attention_probs_dropout_prob": self.dropout}
+        config = Blip2QFormerConfig(**{**self.config, **dropout, **self.sizes, "encoder_hidden_size": in_dim})
         self.qformer = Blip2QFormerModel(config)
         self.query_tokens = nn.Parameter(torch.randn(1, self.num_queries, config.hidden_size) * 0.02)
         self.proj = nn.Linear(config.hidden_size, out_dim)
@@ -140,6 +177,7 @@ class QFormerConnector(Connector):
             "intermediate_size": self.sizes["intermediate_size"],
             "cross_attention_frequency": self.sizes["cross_attention_frequency"],
             "dropout": self.dropout,
+            "config": dict(self.config),
         }
 
 
@@ -158,7 +196,6 @@ def _read_checkpoint(path: str, num_queries: int) -> tuple[dict[str, Any], int, 
             f"qformer path {path}: config.json is a {config.get('model_type')!r} model, "
             "not a BLIP-2 model or a Blip2QFormerModel"
         )
-    defaults = Blip2QFormerConfig().to_dict()
     state = {}
     for key, value in load_pretrained_dir(Path(folder)).items():
         for prefix in _PREFIXES:
@@ -168,4 +205,4 @@ def _read_checkpoint(path: str, num_queries: int) -> tuple[dict[str, Any], int, 
         state[key] = value
     if "query_tokens" in state:
         num_queries = state["query_tokens"].shape[-2]
-    return {**defaults, **config}, num_queries, state
+    return {**_DEFAULTS, **config}, num_queries, state

@@ -142,11 +142,12 @@ def test_padded_features_do_not_change_a_medium(kind):
     torch.testing.assert_close(run(padded, mask), run(features, None), rtol=1e-5, atol=1e-5)
 
 
-def save_qformer(path: Path, encoder_width: int = 32) -> Blip2QFormerModel:
+def save_qformer(path: Path, encoder_width: int = 32, **fields) -> Blip2QFormerModel:
+    """Saves a tiny random ``Blip2QFormerModel``; ``fields`` are further ``Blip2QFormerConfig`` fields."""
     torch.manual_seed(1)
     config = Blip2QFormerConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        encoder_hidden_size=encoder_width, cross_attention_frequency=1,
+        encoder_hidden_size=encoder_width, cross_attention_frequency=1, **fields,
     )  # fmt: skip
     model = Blip2QFormerModel(config).eval()
     model.save_pretrained(path)
@@ -165,6 +166,34 @@ def test_qformer_from_a_transformers_checkpoint_gives_transformers_query_outputs
     expected = reference(query_embeds=queries, encoder_hidden_states=features, encoder_attention_mask=mask.long())
     assert (connector.query_outputs(features, mask) - expected.last_hidden_state).abs().max() <= 1e-5
     assert connector.spec()["layers"] == 2 and connector.spec()["hidden_size"] == 32  # sizes from the checkpoint
+
+
+def test_qformer_keeps_a_checkpoints_config_fields_through_mmpost_save_and_load(tmp_path, make_model, questions):
+    # fields beyond the sizes: defaults would be eps 1e-12, gelu, 512 positions, 0.1 dropout
+    fields = {"layer_norm_eps": 1e-3, "hidden_act": "relu", "max_position_embeddings": 64,
+              "attention_probs_dropout_prob": 0.0, "hidden_dropout_prob": 0.05}  # fmt: skip
+    reference = save_qformer(tmp_path / "qf", **fields)
+    features = torch.randn(2, 10, 32)
+
+    def assert_transformers_outputs(connector) -> None:
+        queries = connector.query_tokens.expand(2, -1, -1)
+        expected = reference(query_embeds=queries, encoder_hidden_states=features).last_hidden_state
+        torch.testing.assert_close(connector.query_outputs(features), expected, rtol=0, atol=1e-5)
+
+    connector = mmpost.connector("qformer", num_queries=4, path=str(tmp_path / "qf"))
+    connector.build(32, 64)
+    assert_transformers_outputs(connector.eval())
+    model = make_model("qformer", num_queries=4, path=str(tmp_path / "qf")).eval()
+    assert_transformers_outputs(model.connectors["image"])
+    batch = make_batch(model, questions)
+    before = model(batch["input_ids"], batch["attention_mask"], batch["media"])
+    model.save(tmp_path / "m")
+    loaded = mmpost.load(tmp_path / "m").eval()
+    assert_transformers_outputs(loaded.connectors["image"])
+    torch.testing.assert_close(loaded(batch["input_ids"], batch["attention_mask"], batch["media"]), before,
+                               rtol=0, atol=1e-6)  # fmt: skip
+    built = loaded.connectors["image"].qformer.config  # the training-time fields survive too
+    assert {key: getattr(built, key) for key in fields} == fields
 
 
 def test_qformer_loads_query_tokens_and_projection_of_a_blip2_model(tmp_path):

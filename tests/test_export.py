@@ -11,6 +11,7 @@ import mmpost
 from mmpost.cli import main
 from mmpost.config.schema import LoraConfig
 from mmpost.export import ExportError, export
+from mmpost.export.check import PROBE_PROMPTS, probes
 from mmpost.generate import answer
 
 
@@ -64,6 +65,34 @@ def test_hf_export_matches_mmpost_logits_and_greedy_tokens(
         answer(model, "What shape is it?", images=[image_path], max_new_tokens=6)
         == model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
     )
+
+
+def test_hf_export_processor_takes_typed_content_as_string_content(make_model, tmp_path):
+    model = make_model("mlp", depth=2).eval()
+    out = export(model, tmp_path / "hf", fmt="hf")
+    processor = AutoProcessor.from_pretrained(out)
+    prompt = PROBE_PROMPTS[1]
+    typed = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+        {"role": "user", "content": [{"type": "text", "text": "And the "}, {"type": "text", "text": "shape?"}]},
+    ]
+    plain = [
+        {"role": "user", "content": "<image>\n" + prompt},
+        {"role": "assistant", "content": "Red."},
+        {"role": "user", "content": "And the shape?"},
+    ]
+
+    def render(template_of, messages):
+        return template_of.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    assert render(processor, typed) == render(processor, plain) == render(model.tokenizer, plain)
+    text = render(processor, typed[:1])
+    assert text == render(model.tokenizer, plain[:1])  # string content renders as before
+    probe = probes(model, count=2)[1]  # mmpost's own tokenisation of the same prompt and an image
+    assert probe.prompt == prompt
+    inputs = processor(images=[probe.image], text=[text], return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], probe.batch["input_ids"])
 
 
 def test_export_refuses_a_non_empty_out_and_parts_llava_cannot_hold(make_model, tmp_path):

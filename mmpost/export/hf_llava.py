@@ -7,14 +7,21 @@ LLaVA's ``multi_modal_projector`` (linear_1, GELU, linear_2); ``linear`` (or ``m
 becomes linear_1 followed by an identity activation and an identity linear_2, which computes the
 same function. LoRA adapters are merged. A quantized LLM is written in the compressed-tensors format with
 the vision tower and projector kept in float, and ``AutoModelForImageTextToText`` loads it as it is.
+
+The processor's chat template is the LLM's, behind a prologue that turns transformers' typed content
+(``[{"type": "image"}, {"type": "text", "text": ...}]``) into the string content the LLM's template
+concatenates, so the processor takes both forms as transformers' own LLaVA processors do.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from mmpost.interfaces import PLACEHOLDERS
 from mmpost.model.io import base_llm_state_dict
 from mmpost.model.lmm import LMM
 
@@ -76,6 +83,51 @@ def llava_name(model: LMM, name: str) -> str:
     return name  # lm_head.*
 
 
+def typed_content_template(template: str, placeholders: Mapping[str, str]) -> str:
+    """``template`` behind a prologue that rewrites typed message content into string content.
+
+    A message whose content is a list of parts becomes the same message with string content: a part of a
+    type in ``placeholders`` becomes its placeholder and a newline (``<image>\\n``, as mmpost's data writes
+    ``<image>\\nQuestion``), a ``text`` part its text; any other part type fails. String content passes as
+    it is, and a message keeps its other keys. transformers renders templates in an immutable sandbox, so
+    the prologue builds a new list by concatenation rather than changing ``messages``.
+
+    Args:
+        template: a Jinja chat template that concatenates ``message['content']`` as a string.
+        placeholders: part type -> the placeholder text that stands for it (``{"image": "<image>"}``).
+
+    Returns:
+        The prologue followed by ``template``, which renders string content exactly as ``template`` does.
+    """
+    literal = json.dumps(dict(placeholders))  # a JSON object of strings is also a Jinja dict literal
+    # the newline after the last tag is the one trim_blocks drops, so the original template starts on a
+    # fresh line with the whitespace control it had on its own
+    prologue = (
+        "{%- set typed_content = namespace(messages=[], text='', placeholders=" + literal + ") -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is defined and message['content'] is sequence"
+        " and message['content'] is not string -%}"
+        "{%- set typed_content.text = '' -%}"
+        "{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'text' -%}"
+        "{%- set typed_content.text = typed_content.text ~ part['text'] -%}"
+        "{%- elif part['type'] in typed_content.placeholders -%}"
+        "{%- set typed_content.text = typed_content.text ~ typed_content.placeholders[part['type']] ~ '\\n' -%}"
+        "{%- else -%}"
+        "{{- raise_exception('this model takes only text and ' ~ (typed_content.placeholders | list | join(', '))"
+        " ~ ' content, not ' ~ part['type']) -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set typed_content.messages = typed_content.messages + [dict(message, content=typed_content.text)] -%}"
+        "{%- else -%}"
+        "{%- set typed_content.messages = typed_content.messages + [message] -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set messages = typed_content.messages %}\n"
+    )
+    return prologue + template
+
+
 def export_llava(model: LMM, out: Path) -> Path:
     """Writes ``out`` as a ``LlavaForConditionalGeneration`` directory with its ``LlavaProcessor``."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
@@ -112,13 +164,19 @@ def export_llava(model: LMM, out: Path) -> Path:
 
         save_compressed(hf, out, model.quantization, rename=lambda name: llava_name(model, name),
                         extra_ignore=["vision_tower", "multi_modal_projector"])  # fmt: skip
+    template = model.tokenizer.chat_template
+    placeholders = {"image": PLACEHOLDERS["image"]}
+    if isinstance(template, dict):  # named templates (default, tool_use, ...)
+        template = {name: typed_content_template(text, placeholders) for name, text in template.items()}
+    elif template is not None:
+        template = typed_content_template(template, placeholders)
     processor = LlavaProcessor(
         image_processor=encoder.image_processor(),
         tokenizer=model.tokenizer,
         patch_size=encoder.model.config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
-        chat_template=model.tokenizer.chat_template,
-        image_token="<image>",
+        chat_template=template,
+        image_token=PLACEHOLDERS["image"],
         num_additional_image_tokens=1 if encoder.model_type == "clip" else 0,
     )
     processor.save_pretrained(out)
