@@ -6,7 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from mmpost.config.loader import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
+from mmpost.config.fields import ConfigError, absolute_paths
+from mmpost.config.loader import apply_overrides, from_dict, read_yaml, to_dict
 from mmpost.config.schema import (
     DataConfig,
     DataSourceConfig,
@@ -37,17 +38,30 @@ __all__ = [
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Reads a run config from YAML (or only overrides when ``path`` is None) and validates it.
 
+    Relative filesystem paths in it are resolved against the current folder, which is what they meant to
+    the command that loads it; the config returned names them absolutely, so that the copy a run writes
+    (``dump_config``) names the same files when read from another folder.
+
+    Args:
+        path: the YAML file.
+        overrides: dotlist items, ``train.lr=2e-5``, applied over the file.
+
+    Returns:
+        The validated config with absolute paths.
+
     Raises:
         FileNotFoundError: if the YAML file does not exist.
-        ConfigError: naming the dotted key of the first unknown key or wrong type.
+        ConfigError: naming the file, line and column of a YAML syntax error, the ``--set`` item whose value is
+            not YAML, or the dotted key of the first unknown key, wrong type or value out of its range.
     """
     data = read_yaml(path) if path is not None else {}
     apply_overrides(data, list(overrides or []))
     where = f"{path}: " if path is not None else ""
     try:
-        return from_dict(RunConfig, data)
+        cfg = from_dict(RunConfig, data)
     except ConfigError as err:
         raise ConfigError(f"{where}{err}") from None
+    return absolute_paths(cfg)
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:

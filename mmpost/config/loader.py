@@ -5,11 +5,15 @@ An unknown key fails with its dotted path and the nearest valid key; a wrong typ
 path and the expected type; booleans must be booleans (``--set train.compile=False`` is False, and
 ``=0`` is an error). There is no fallback value for a misspelt key.
 
+Numeric keys declare their range in the schema (``ranged``), checked here with the key, the range and
+the value named. Filesystem paths (``path_field``) are made absolute when the config is loaded, so a
+resolved config written into a run directory means the same files from any folder.
+
 Parts chosen by name (``encoders.image: {name: timm, model: resnet18}``) are checked against the
 registered class's constructor signature, so the constructor's type hints and docstring are the
 schema and the documentation of those keys.
 
-Written by hand (~200 lines) rather than with draccus / omegaconf: we need registry-aware
+Written by hand rather than with draccus / omegaconf: we need registry-aware
 sub-schemas and YAML 1.1's "1e-4 is a string" fixed for float fields, and neither fits both.
 """
 
@@ -26,13 +30,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from mmpost.config.fields import ConfigError, check_range
 from mmpost.registry import Registry, RegistryError
 
 MISSING = dataclasses.MISSING
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the dotted key."""
 
 
 def registry_field(registry: str, many: bool = False, default: Any = MISSING, default_factory: Any = MISSING) -> Any:
@@ -195,6 +196,8 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         tp = hints[field.name]
         if registry is None:
             kwargs[field.name] = coerce(value, tp, path)
+            if "range" in field.metadata:
+                check_range(kwargs[field.name], field.metadata["range"], path)
         elif field.metadata["many"]:
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: expected a mapping of modality to part, got {value!r}")
@@ -235,15 +238,40 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             elif not isinstance(child, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} holds {child!r}, not a mapping")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {_yaml_problem(err)}") from None
     return data
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """``line L, column C: problem`` of a YAML error, without PyYAML's ``in "<unicode string>"`` lines."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return str(err)
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and context_mark is not None:
+        text += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return text
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML file whose top level is a mapping.
+
+    Raises:
+        FileNotFoundError: if ``path`` is not a file.
+        ConfigError: naming the file, line and column of a YAML syntax error, or a top level that is not a mapping.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: {_yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
     return data
@@ -290,9 +318,25 @@ def describe(cls: type, prefix: str = "") -> list[str]:
         else:
             default = " (required)"
         registry = field.metadata.get("registry")
-        kind = f"one of the registered {registry} (see below)" if registry else _type_name(tp)
+        kind = f"one of the registered {registry} (see below)" if registry else _ranged_type_name(tp, field)
         lines.append(f"{key} [{kind}]{default}\n    {docs.get(field.name, 'undocumented')}")
+        # An optional section (``data.eval``) has keys of its own, with ranges to show, once it is set.
+        lines += [line for a in typing.get_args(tp) if dataclasses.is_dataclass(a) for line in describe(a, key + ".")]
     return lines
+
+
+def _ranged_type_name(tp: Any, field: dataclasses.Field) -> str:
+    """``int >= 1``, ``int >= 1 | null``, ``dict[str, float], values > 0``; the plain type name without a range."""
+    rng = field.metadata.get("range")
+    if rng is None:
+        return _type_name(tp)
+    origin = typing.get_origin(tp)
+    if origin is dict or tp is dict:
+        return f"{_type_name(tp)}, values {rng}"
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " | ".join(f"{_type_name(a)} {rng}" for a in args) + " | null"
+    return f"{_type_name(tp)} {rng}"
 
 
 def describe_registry(registry_name: str) -> list[str]:

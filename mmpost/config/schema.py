@@ -1,7 +1,11 @@
 """The run config: one dataclass per component. Every key is documented in its class's Attributes.
 
-``mmpost config keys`` prints this documentation; ``mmpost config show CFG --set ...`` prints a
-resolved config.
+``mmpost config keys`` prints this documentation, with each numeric key's allowed range beside its
+type; ``mmpost config show CFG --set ...`` prints a resolved config.
+
+Relative paths (``out``, ``from``, data files, and local model folders and files) are resolved against
+the folder the command runs in when the config is loaded, so the resolved config a run writes names
+the same files from anywhere. Hub ids, ``pkg:`` paths and template text stay as written.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mmpost.config.fields import path_field, ranged
 from mmpost.config.loader import registry_field
 
 
@@ -28,11 +33,11 @@ class LLMConfig:
         trust_remote_code: allow code from the model directory to run. Off unless you trust it.
     """
 
-    path: str | None = None
+    path: str | None = path_field(None, if_exists=True)
     gguf_file: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: str = "sdpa"
-    chat_template: str | None = None
+    chat_template: str | None = path_field(None, if_exists=True)
     trust_remote_code: bool = False
 
 
@@ -47,9 +52,9 @@ class LoraConfig:
         target_modules: names of the LLM's linear layers to adapt, or ["all-linear"].
     """
 
-    r: int = 0
-    alpha: int = 16
-    dropout: float = 0.05
+    r: int = ranged(0, ge=0)
+    alpha: int = ranged(16, gt=0)
+    dropout: float = ranged(0.05, ge=0, lt=1)
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
@@ -85,9 +90,9 @@ class DataSourceConfig:
         max_samples: use at most this many samples (the first ones); 0 means all.
     """
 
-    path: str = ""
-    image_root: str | None = None
-    max_samples: int = 0
+    path: str = path_field("")
+    image_root: str | None = path_field(None)
+    max_samples: int = ranged(0, ge=0)
 
 
 @dataclass
@@ -106,9 +111,9 @@ class DataConfig:
 
     train: DataSourceConfig = field(default_factory=DataSourceConfig)
     eval: DataSourceConfig | None = None
-    max_length: int = 2048
-    num_workers: int = 2
-    max_bad_fraction: float = 0.01
+    max_length: int = ranged(2048, ge=2)
+    num_workers: int = ranged(2, ge=0)
+    max_bad_fraction: float = ranged(0.01, ge=0, le=1)
 
 
 @dataclass
@@ -135,27 +140,27 @@ class TrainConfig:
         gradient_checkpointing: recompute LLM activations in the backward pass to save memory.
         log_every: steps between metric lines in ``metrics.jsonl``.
         save_every: steps between checkpoints under ``checkpoints/step-N``; 0 saves only ``final/``.
-        keep_checkpoints: newest step checkpoints kept; older ones are deleted.
+        keep_checkpoints: newest step checkpoints kept; older ones are deleted. 0 keeps all.
         eval_every: steps between evaluations; 0 evaluates only at the end.
     """
 
     trainable: list[str] | None = None
-    lr: float = 1e-4
-    part_lr: dict[str, float] = field(default_factory=dict)
-    weight_decay: float = 0.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_steps: int = 0
-    epochs: float = 1.0
-    warmup_ratio: float = 0.03
+    lr: float = ranged(1e-4, gt=0)
+    part_lr: dict[str, float] = ranged(default_factory=dict, gt=0)
+    weight_decay: float = ranged(0.0, ge=0)
+    batch_size: int = ranged(8, ge=1)
+    grad_accum: int = ranged(1, ge=1)
+    max_steps: int = ranged(0, ge=0)
+    epochs: float = ranged(1.0, gt=0)
+    warmup_ratio: float = ranged(0.03, ge=0, le=1)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = ranged(1.0, ge=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
-    log_every: int = 10
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    eval_every: int = 0
+    log_every: int = ranged(10, ge=1)
+    save_every: int = ranged(0, ge=0)
+    keep_checkpoints: int = ranged(2, ge=0)
+    eval_every: int = ranged(0, ge=0)
 
 
 @dataclass
@@ -170,9 +175,9 @@ class EvalConfig:
             turn (lower-cased, trailing punctuation ignored), per ``task`` when samples carry one.
     """
 
-    max_samples: int = 300
-    batch_size: int = 32
-    max_new_tokens: int = 8
+    max_samples: int = ranged(300, ge=1)
+    batch_size: int = ranged(32, ge=1)
+    max_new_tokens: int = ranged(8, ge=1)
     accuracy: bool = True
 
 
@@ -187,7 +192,7 @@ class RunConfig:
         from_: start from an earlier run directory (its ``final/``) or a saved model directory; the
             ``model`` section then only changes it: ``model.encoders`` / ``model.connectors`` entries
             replace those parts, ``model.lora`` adds adapters. Written ``from:`` in YAML.
-        seed: seed for weights, data order and dropout.
+        seed: seed for weights, data order and dropout (numpy takes seeds below 2**32).
         model: the LMM to build when not starting ``from:`` a run.
         data: the datasets.
         train: the optimisation loop.
@@ -195,9 +200,9 @@ class RunConfig:
     """
 
     stage: dict[str, Any] = registry_field("stages")
-    out: str = ""
-    from_: str | None = None
-    seed: int = 0
+    out: str = path_field("")
+    from_: str | None = path_field(None, if_exists=True)
+    seed: int = ranged(0, ge=0, le=2**32 - 1)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from mmpost.config.fields import ranged
 from mmpost.config.schema import DataSourceConfig
 from mmpost.quant.methods import WeightScheme
 
@@ -31,23 +32,24 @@ class QuantizeOptions:
         num_samples: gptq only. Calibration samples used (the first ones).
         batch_size: gptq only. Calibration samples per forward.
         max_length: gptq only. Longest calibration sequence in tokens, media tokens included.
-        dampening: gptq only. Fraction of the mean Hessian diagonal added to it before inversion.
+        dampening: gptq only. Fraction of the mean Hessian diagonal added to it before inversion; above 0,
+            since a Hessian that fails to invert is retried with ten times the dampening.
         block_size: gptq only. Columns updated together (speed only; the result is the same).
         act_order: gptq only. Quantize columns in order of decreasing input energy (static groups).
     """
 
     bits: Literal[4, 8] = 4
     symmetric: bool = True
-    group_size: int | None = 64
+    group_size: int | None = ranged(64, ge=1)
     method: Literal["rtn", "gptq"] = "gptq"
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     calibration: Literal["multimodal", "text"] = "multimodal"
     calib: DataSourceConfig = field(default_factory=DataSourceConfig)
-    num_samples: int = 128
-    batch_size: int = 8
-    max_length: int = 1024
-    dampening: float = 0.01
-    block_size: int = 128
+    num_samples: int = ranged(128, ge=1)
+    batch_size: int = ranged(8, ge=1)
+    max_length: int = ranged(1024, ge=2)
+    dampening: float = ranged(0.01, gt=0)
+    block_size: int = ranged(128, ge=1)
     act_order: bool = False
 
     @property
