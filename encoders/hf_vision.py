@@ -18,7 +18,6 @@ In transformers 5 the vision models hold their layers directly (``embeddings``, 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,7 +42,7 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 from mmpost.interfaces import Encoder, EncoderOutput, MediaProcessor
-from mmpost.weights import resolve_path
+from mmpost.weights import is_hub_id, locate_pretrained
 
 # family -> (vision config class, vision model class, default image processor class, layer class)
 _FAMILIES: dict[str, tuple[type[PretrainedConfig], type[nn.Module], type[BaseImageProcessor], type[nn.Module]]] = {
@@ -79,7 +78,7 @@ class HFVisionEncoder(Encoder):
 
     Args:
         path: directory written by ``save_pretrained`` (or a hub id, fetched once and then read from
-            the cache) holding a ``CLIPVisionModel``,
+            the cache; with no network only a cached one loads) holding a ``CLIPVisionModel``,
             ``SiglipVisionModel``, or a full ``CLIPModel`` / ``SiglipModel`` (its vision tower is
             taken); may be a ``pkg:`` path. A ``preprocessor_config.json`` there is used for
             preprocessing. Exactly one of ``path`` and ``config`` is given.
@@ -94,7 +93,8 @@ class HFVisionEncoder(Encoder):
             named by ``image_processor_type``); overrides the one found at ``path``.
 
     Raises:
-        FileNotFoundError: if ``path`` does not exist or holds no ``config.json``.
+        FileNotFoundError: if ``path`` does not exist or holds no ``config.json``, or is a hub id that
+            is neither cached nor reachable (offline mode, or no connection to the hub).
         ValueError: on an unsupported model type, an out-of-range ``feature_layer``, both or neither
             of ``path`` / ``config``, or ``drop_cls=True`` on SigLIP.
     """
@@ -189,10 +189,10 @@ class HFVisionEncoder(Encoder):
 
 
 def _checkpoint_dir(path: str) -> Path:
-    if _is_hub_id(path):
-        directory = _hub_snapshot(path)
-    else:
-        directory = resolve_path(path)  # FileNotFoundError naming `path` when it is missing
+    # a local or pkg: folder, a hub id's cached snapshot, or (only when the hub can be reached) a hub id to fetch;
+    # LLaVA configs name their towers by hub id
+    where = locate_pretrained(path, "hf_vision path")
+    directory = _hub_download(where) if is_hub_id(where) else Path(where)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(
             f"hf_vision: {path} has no config.json; expected a directory written by save_pretrained "
@@ -201,25 +201,14 @@ def _checkpoint_dir(path: str) -> Path:
     return directory
 
 
-def _is_hub_id(path: str) -> bool:
-    """``org/name`` that is not a local path (hub ids are what LLaVA configs name towers by)."""
-    return not Path(path).expanduser().exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None
-
-
-def _hub_snapshot(repo_id: str) -> Path:
-    """The hub checkpoint's folder, from the local cache when it is there (works offline once cached)."""
+def _hub_download(repo_id: str) -> Path:
+    """Fetches the files a tower needs into the hub cache, where later runs find them with no network."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.txt"]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception:  # not cached: fetch it (fails clearly with no network)
-        try:
-            return Path(snapshot_download(repo_id, allow_patterns=patterns))
-        except Exception as err:
-            raise FileNotFoundError(
-                f"hf_vision: {repo_id} is not a local folder and could not be fetched from the hub ({err})"
-            ) from None
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    except Exception as err:  # the hub answered but cannot serve it: no such repo, gated, ...
+        raise FileNotFoundError(f"hf_vision: {repo_id} could not be fetched from the hub ({err})") from None
 
 
 def _family_of(model_type: str | None, source: str) -> str:

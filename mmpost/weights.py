@@ -7,16 +7,28 @@ packages may run code on import.
 
 Weights are read from safetensors, or from PyTorch pickles with ``weights_only=True`` (tensors and
 plain containers only, never arbitrary objects).
+
+A Hugging Face hub id (``org/name``) is looked up in the local hub cache first and, when it is not
+there, fails at once with no network instead of after the hub client's minute of retries.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+import socket
+import threading
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import torch
 
 PKG_PREFIX = "pkg:"
+# ``name`` (legacy ids such as ``gpt2``) or ``org/name``; anything else that does not exist is a missing path
+_HUB_ID = re.compile(r"(?:[\w.-]+/)?[\w.-]+")
+HUB_PROBE_TIMEOUT_S = 3.0
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -40,6 +52,102 @@ def resolve_path(path: str | Path) -> Path:
     if not resolved.exists():
         raise FileNotFoundError(f"{text}: no such file or directory ({resolved})")
     return resolved
+
+
+def is_hub_id(path: str) -> bool:
+    """``org/name`` (or a bare ``name``) that is not a local path or a ``pkg:`` path."""
+    if path.startswith((PKG_PREFIX, ".", "/", "~")) or Path(path).expanduser().exists():
+        return False
+    return _HUB_ID.fullmatch(path) is not None
+
+
+def locate_pretrained(path: str, what: str) -> str:
+    """Where ``from_pretrained`` should read ``path`` from: a local folder, or a hub id it can download.
+
+    A local or ``pkg:`` path resolves as ``resolve_path`` does. A hub id found in the local Hugging
+    Face cache resolves to its cached snapshot folder, so that it loads with no network (and the hub is
+    not asked for a newer revision). Any other hub id is returned unchanged only when the hub can be
+    reached: in offline mode (``HF_HUB_OFFLINE``) or when a ~3 s TCP connect to the hub endpoint
+    (``HF_ENDPOINT``, through the proxy the environment names) fails, it raises at once.
+
+    Args:
+        path: a folder, a ``pkg:<package>/<dir>`` path, or a hub id.
+        what: the config key that holds ``path`` (e.g. ``model.llm.path``), for messages.
+
+    Returns:
+        A local folder, or the hub id when it has to be downloaded.
+
+    Raises:
+        FileNotFoundError: if a local path does not exist, or a hub id is not cached and the hub is
+            out of reach; the message says how to get the model there.
+    """
+    if not is_hub_id(path):
+        if path.startswith(PKG_PREFIX) or Path(path).expanduser().exists():
+            return str(resolve_path(path))
+        raise FileNotFoundError(f"{what}: {path} does not exist")
+    from huggingface_hub import constants
+
+    cached = _cached_snapshot(path)
+    if cached is not None:
+        return cached
+    where = f"{what}: {path} is not a local folder and not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    fix = f"download it where there is network (hf download {path}) or point {what} to a local copy"
+    if _hub_offline():
+        raise FileNotFoundError(f"{where}, and HF_HUB_OFFLINE is set, so it cannot be downloaded: {fix}")
+    problem = _hub_unreachable(constants.ENDPOINT)
+    if problem:
+        raise FileNotFoundError(
+            f"{where}, and the hub ({constants.ENDPOINT}) cannot be reached ({problem}): {fix}; "
+            "HF_HUB_OFFLINE=1 makes this fail at once"
+        )
+    return path
+
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    """The cached snapshot folder of ``repo_id``'s main revision, or None; never touches the network."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except FileNotFoundError as err:
+        # IncompleteSnapshotError (a LocalEntryNotFoundError) carries the folder when a filtered download
+        # left out some of the repo's files; those are usually ones from_pretrained never reads (.bin next
+        # to .safetensors), and it names any file it does need.
+        return getattr(err, "snapshot_path", None)
+    except ValueError:  # an id the hub client rejects (e.g. "a..b"): no cache entry can exist
+        return None
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    # huggingface_hub reads the variables once, at import; a later setting still means the user wants no network
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return constants.HF_HUB_OFFLINE or any((flag or "").upper() in constants.ENV_VARS_TRUE_VALUES for flag in flags)
+
+
+def _hub_unreachable(endpoint: str) -> str | None:
+    """Why a TCP connection to ``endpoint`` (or its proxy) cannot be opened, or None when it can."""
+    url = urllib.parse.urlsplit(endpoint)
+    host, port, via = url.hostname or "", url.port or (443 if url.scheme == "https" else 80), ""
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxied = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port, via = proxied.hostname or "", proxied.port or 80, "proxy "
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+            outcome.append(None)
+        except OSError as err:
+            outcome.append(f"{via}{host}:{port}: {err.strerror or err}")
+
+    # a thread bounds the DNS lookup too, which create_connection's timeout does not cover
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(HUB_PROBE_TIMEOUT_S + 0.5)
+    return outcome[0] if outcome else f"{via}{host}:{port}: no answer within {HUB_PROBE_TIMEOUT_S:.0f} s"
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

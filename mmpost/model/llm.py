@@ -9,20 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mmpost.config.schema import LLMConfig, LoraConfig
-from mmpost.weights import PKG_PREFIX, resolve_path
+from mmpost.weights import locate_pretrained
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _locate(path: str) -> str:
-    """A local folder, a ``pkg:`` folder, or a hub id passed through unchanged."""
-    if path.startswith(PKG_PREFIX) or Path(path).expanduser().exists():
-        return str(resolve_path(path))
-    if path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model.llm.path: {path} does not exist")
-    return path  # a hub id; transformers reports it if it cannot be found offline
 
 
 def load_llm(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -30,11 +21,12 @@ def load_llm(cfg: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 
     Raises:
         ValueError: if ``cfg.path`` is empty.
-        FileNotFoundError: if a local path does not exist.
+        FileNotFoundError: if a local path does not exist, or a hub id is neither cached nor reachable
+            (offline mode, or no connection to the hub).
     """
     if not cfg.path:
         raise ValueError("model.llm.path is empty: name a transformers model directory or hub id")
-    where = _locate(cfg.path)
+    where = locate_pretrained(cfg.path, "model.llm.path")  # a cached hub id loads from its folder, offline
     extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=cfg.trust_remote_code, **extra)
     model = AutoModelForCausalLM.from_pretrained(
