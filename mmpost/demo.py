@@ -136,8 +136,10 @@ def run_demo(out: Path, force: bool = False, quick: bool = False, stages: str = 
         FileNotFoundError: if the demo configs (a source checkout's ``configs/demo``) are missing.
     """
     from mmpost.export import export, read_report
-    from mmpost.stages import STAGES
+    from mmpost.stages import build_stage
 
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; name a directory for the demo")
     if out.exists() and any(out.iterdir()):
         if not force:
             raise FileExistsError(f"--out {out} is not empty; pass --force to replace it")
@@ -155,7 +157,7 @@ def run_demo(out: Path, force: bool = False, quick: bool = False, stages: str = 
         config = CONFIG_DIR / f"{'sft' if stage == 'sft_short' else stage}.yaml"
         log.info("%s (%s)", stage, config)
         cfg = load_config(config, stage_overrides(out, stage, quick))
-        result = STAGES.build(cfg.stage["name"], **{k: v for k, v in cfg.stage.items() if k != "name"}).run(cfg)
+        result = build_stage(cfg).run(cfg)
         s = summary["stages"][stage] = stage_summary(stage, result, out / "runs" / stage)
         log.info("%s: held-out accuracy %s -> %s", stage, s["heldout_accuracy_before"], s["heldout_accuracy"])
     log.info("export to transformers' LLaVA layout")

@@ -28,3 +28,37 @@ def test_grpo_bench_reports_both_paths_and_identical_greedy_tokens(tmp_path, one
     assert result["media_tokens_per_prompt"] == 16  # (32 / 8) ** 2 patches, CLS dropped
     assert result["naive_over_shared"] > 0
     assert result["shared_tokens_per_s"] > 0 and result["naive_tokens_per_s"] > 0
+
+
+GRPO_DEFAULTS = {"data": {"train": {"path": "count.json"}}, "train": {"lr": 1e-3, "batch_size": 2}}
+
+
+def test_stage_bench_runs_a_grpo_config_with_its_options(after_sft, tmp_path, one_thread, capsys):
+    # max_completion_length 3, not the stage's default 32: the bench must run (and report) the config's stage
+    options = {"name": "grpo", "group_size": 2, "max_completion_length": 3}
+    config = after_sft("grpo", options, GRPO_DEFAULTS)
+    out = tmp_path / "bench.json"
+    assert load_bench().main([str(config), "--steps", "2", "--warmup", "1", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["stage"] == "grpo" and result["steps_measured"] == 2
+    assert result["stage_options"]["max_completion_length"] == 3 and result["stage_options"]["group_size"] == 2
+    assert result["stage_options"]["temperature"] == 1.0  # a default, resolved from the stage's constructor
+    assert "'max_completion_length': 3" in printed
+    assert result["completions_per_step"] == 2 * 2  # batch_size x grad_accum x group_size x one process
+    assert 0 < result["completion_length"] <= 3
+    assert result["completions_per_s"] > 0 and result["completion_tokens_per_s"] > 0
+    assert result["sampling_tokens_per_s"] >= result["completion_tokens_per_s"]
+    assert "tokens_per_s" not in result and "mfu" not in result  # no prompt-token count in grpo's metric lines
+
+
+def test_build_stage_passes_the_config_options(run_config):
+    from mmpost.config import load_config
+    from mmpost.stages import build_stage, stage_options
+
+    cfg = load_config(run_config(stage={"name": "grpo", "group_size": 3, "max_completion_length": 5}))
+    stage = build_stage(cfg)
+    assert (stage.group_size, stage.max_completion_length) == (3, 5)
+    resolved = stage_options(cfg)
+    assert resolved["group_size"] == 3 and resolved["max_completion_length"] == 5
+    assert resolved["iterations"] == 1 and "name" not in resolved

@@ -2,11 +2,27 @@
 
     python tools/bench.py configs/demo/sft.yaml --steps 30 [--warmup 5] [--set train.batch_size=32] [--json out.json]
 
-runs N optimizer steps of a config and reports tokens/s (real tokens, media included), samples/s, step
+runs N optimizer steps of a config, its stage built with the config's options (printed as
+``stage_options``, defaults filled in), and reports tokens/s (real tokens, media included), samples/s, step
 time, peak memory (CPU RSS, or torch.cuda.max_memory_allocated on CUDA) and, on CUDA, model-FLOPs
 utilisation. Steps run through the real training loop (data workers, accumulation, clipping, logging) with
-evaluation and checkpoints off; the first ``--warmup`` steps are left out of the figures. Model FLOPs per
-token are the run summary's estimate (``mmpost.training.parts.model_flops_per_token``).
+evaluation and checkpoints off; the first ``--warmup`` steps are left out of the figures, and each figure is
+the median over the measured steps. Model FLOPs per token are the run summary's estimate
+(``mmpost.training.parts.model_flops_per_token``).
+
+A grpo config reports what its metric lines measure instead, ``time/step_s`` being the time of a step's
+sampling and optimisation (data loading left out) on the first process:
+
+- ``completions_per_step``: batch_size x grad_accum x group_size x processes (full micro-batches assumed);
+- ``completions_per_s``: those completions over ``time/step_s``;
+- ``completion_tokens_per_s``: completions x mean ``completion_length`` (new tokens, end-of-sequence
+  included, prompts and media not) over ``time/step_s``;
+- ``sampling_tokens_per_s``: the same tokens over the sampling part of the step alone
+  (``time/step_s x time/sampling_share``), the rollout's generation speed;
+- ``completion_length``, ``sampling_share`` and ``step_time_s``: the medians of those metrics.
+
+There is no tokens/s over all tokens and no MFU for grpo: its lines do not count the prompt and media tokens
+that are prefilled and trained on.
 
     python tools/bench.py grpo [--group-size 8] [--prompts 4] [--max-new-tokens 32] [--device cuda] [--json out.json]
 
@@ -22,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -47,7 +64,7 @@ def peak_tflops(override: float | None) -> float | None:
 def bench_stage(argv: list[str]) -> int:
     from mmpost.cli import quiet_libraries
     from mmpost.config import load_config
-    from mmpost.stages import STAGES
+    from mmpost.stages import build_stage, stage_options
     from mmpost.training.metrics import read_metrics
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,36 +86,77 @@ def bench_stage(argv: list[str]) -> int:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        summary = STAGES.build(cfg.stage["name"]).run(cfg)
+        summary = build_stage(cfg).run(cfg)
         wall = time.perf_counter() - started
         lines = [r for r in read_metrics(Path(tmp) / "run") if "loss" in r][args.warmup :]
-    tokens_per_s = statistics.median(r["tokens_per_s"] for r in lines)
-    samples_per_s = statistics.median(r["samples_per_s"] for r in lines)
+    if not lines:
+        parser.error(f"no step left to measure after --warmup {args.warmup}; raise --steps")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
     result = {
         "config": args.config,
         "stage": cfg.stage["name"],
+        "stage_options": stage_options(cfg),
         "device": torch.cuda.get_device_name()
         if torch.cuda.is_available()
         else f"cpu ({torch.get_num_threads()} threads)",
+        "processes": processes,
         "steps_measured": len(lines),
-        "global_batch": cfg.train.batch_size * cfg.train.grad_accum,
-        "tokens_per_s": round(tokens_per_s, 1),
-        "samples_per_s": round(samples_per_s, 2),
-        "step_time_s": round(cfg.train.batch_size * cfg.train.grad_accum / samples_per_s, 4),
-        "wall_s_including_setup": round(wall, 1),
     }
+    if cfg.stage["name"] == "grpo":
+        result |= grpo_figures(lines, cfg, result["stage_options"]["group_size"], processes)
+    else:
+        result |= throughput_figures(lines, cfg, processes)
+    result["wall_s_including_setup"] = round(wall, 1)
     if torch.cuda.is_available():
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     else:
         result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
     peak = peak_tflops(args.peak_tflops)
-    if peak:
-        result["mfu"] = round(summary["model_flops_per_token"] * tokens_per_s / (peak * 1e12), 4)
+    if peak and "tokens_per_s" in result:
+        result["mfu"] = round(summary["model_flops_per_token"] * result["tokens_per_s"] / (peak * 1e12), 4)
     for key, value in result.items():
         print(f"{key:>24}: {value}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0
+
+
+def throughput_figures(lines: list[dict], cfg, processes: int) -> dict:
+    """Tokens/s, samples/s and step time of a stage whose metric lines carry ``tokens_per_s`` (all but grpo)."""
+    tokens_per_s = statistics.median(r["tokens_per_s"] for r in lines)
+    samples_per_s = statistics.median(r["samples_per_s"] for r in lines)
+    global_batch = cfg.train.batch_size * cfg.train.grad_accum * processes
+    return {
+        "global_batch": global_batch,
+        "tokens_per_s": round(tokens_per_s, 1),
+        "samples_per_s": round(samples_per_s, 2),
+        "step_time_s": round(global_batch / samples_per_s, 4),
+    }
+
+
+def grpo_figures(lines: list[dict], cfg, group_size: int, processes: int) -> dict:
+    """Completions/s and completion tokens/s of grpo steps, from ``time/step_s`` and ``completion_length``."""
+    prompts = cfg.train.batch_size * cfg.train.grad_accum * processes
+    completions = prompts * group_size
+
+    def median(figure) -> float:
+        return statistics.median(figure(r) for r in lines)
+
+    def new_tokens(r: dict) -> float:  # completion_length is the mean over every process's completions
+        return completions * r["completion_length"]
+
+    return {
+        "prompts_per_step": prompts,
+        "completions_per_step": completions,
+        "completions_per_s": round(median(lambda r: completions / r["time/step_s"]), 2),
+        "completion_tokens_per_s": round(median(lambda r: new_tokens(r) / r["time/step_s"]), 1),
+        "sampling_tokens_per_s": round(
+            median(lambda r: new_tokens(r) / (r["time/step_s"] * r["time/sampling_share"])), 1
+        ),
+        "completion_length": round(median(lambda r: r["completion_length"]), 2),
+        "sampling_share": round(median(lambda r: r["time/sampling_share"]), 3),
+        "step_time_s": round(median(lambda r: r["time/step_s"]), 4),
+    }
 
 
 # ----------------------------------------------------------------- grpo

@@ -168,7 +168,7 @@ def image_root(data: Path, name: str) -> dict[str, str]:
 def run_row(out: Path, row: Row) -> dict[str, Any]:
     import mmpost
     from mmpost.config import load_config
-    from mmpost.stages import STAGES
+    from mmpost.stages import build_stage
 
     run = out / "rows" / row.name
     shutil.rmtree(run, ignore_errors=True)  # a row runs from scratch (--rerun, or after an interruption)
@@ -182,7 +182,8 @@ def run_row(out: Path, row: Row) -> dict[str, Any]:
     for stage in ("align", "sft"):
         path = run / f"{stage}.yaml"
         path.write_text(yaml.safe_dump(stage_config(out, row, stage), sort_keys=False))
-        outcome = STAGES.build(stage).run(load_config(path))
+        cfg = load_config(path)
+        outcome = build_stage(cfg).run(cfg)
         result["stages"][stage] = {"steps": outcome["steps"], "seconds": round(outcome["seconds"], 1)}
     after = outcome["eval_after"] or {}
     result["accuracy"] = after.get("eval/accuracy")
