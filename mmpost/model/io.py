@@ -8,6 +8,7 @@
     DIR/llm/                 the base LLM and tokenizer as transformers ``save_pretrained`` writes them;
                              a quantized LLM in the compressed-tensors format (``mmpost.quant``)
     DIR/llm/adapter/         peft LoRA adapter, when LoRA is kept unmerged
+    DIR/checksums.json       size and SHA-256 of every file above, checked on load (``mmpost.checksums``)
 
 The LLM is kept in transformers' own layout so any transformers tool can read it. A directory is
 written under a temporary name and renamed into place, so a crash never leaves a half-written
@@ -16,6 +17,7 @@ model where a complete one is expected.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
@@ -25,8 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from mmpost.checksums import DamagedFileError, verify_manifest, write_manifest
 from mmpost.config.schema import LoraConfig
 
 if TYPE_CHECKING:
@@ -125,17 +129,27 @@ def save_lmm(model: LMM, path: str | Path, merge_lora: bool = False) -> Path:
     model.tokenizer.save_pretrained(tmp / "llm")
     if keep_adapter:
         model.llm.save_pretrained(tmp / "llm" / "adapter")
+    write_manifest(tmp)
     if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)  # a kill from here on leaves either the old or the new directory under `path`'s name
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(path)
     return path
 
 
-def load_lmm(path: str | Path, dtype: torch.dtype | None = None) -> LMM:
+def load_lmm(path: str | Path, dtype: torch.dtype | None = None, verify: bool = True) -> LMM:
     """Loads a directory written by ``save_lmm`` (LoRA adapters, if any, stay separate and trainable).
+
+    Args:
+        verify: check every file against the directory's ``checksums.json`` first.
 
     Raises:
         FileNotFoundError: if ``path`` is not an mmpost model directory.
+        DamagedFileError: naming a file that differs from what was saved or cannot be read.
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -148,21 +162,52 @@ def load_lmm(path: str | Path, dtype: torch.dtype | None = None) -> LMM:
     path = Path(path)
     if not is_model_dir(path):
         raise FileNotFoundError(f"{path} is not an mmpost model directory (no {CONFIG_NAME})")
-    config = json.loads((path / CONFIG_NAME).read_text())
+    if verify:
+        verify_manifest(path, "model")
+    config = _read_json(path / CONFIG_NAME)
     if config.get("format") != "mmpost" or config.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path / CONFIG_NAME}: unsupported format {config.get('format')} v{config.get('version')}")
-    llm = AutoModelForCausalLM.from_pretrained(path / "llm", dtype=dtype or torch.float32)
+    with _names_damage(path / "llm", "the LLM"):
+        llm = AutoModelForCausalLM.from_pretrained(path / "llm", dtype=dtype or torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path / "llm")
     quantization = adopt_loaded(llm)
-    tokenizer = AutoTokenizer.from_pretrained(path / "llm")
     encoders = {m: ENCODERS.build(**spec) for m, spec in config["encoders"].items()}
     connectors = {m: CONNECTORS.build(**spec) for m, spec in config["connectors"].items()}
     model = LMM(llm, encoders, connectors, tokenizer=tokenizer)
     model.quantization = quantization
     if config["lora"]:
-        model.llm = PeftModel.from_pretrained(llm, path / "llm" / "adapter", is_trainable=True)
+        with _names_damage(path / "llm" / "adapter", "the LoRA adapter"):
+            model.llm = PeftModel.from_pretrained(llm, path / "llm" / "adapter", is_trainable=True)
         model.lora_config = LoraConfig(**config["lora"])
-    parts = load_file(str(path / PARTS_NAME))
+    with _names_damage(path / PARTS_NAME, "the encoder and connector weights"):
+        parts = load_file(str(path / PARTS_NAME))
     for name, module in (("encoders", model.encoders), ("connectors", model.connectors)):
         prefix = name + "."
         module.load_state_dict({k[len(prefix) :]: v for k, v in parts.items() if k.startswith(prefix)}, strict=True)
     return model
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise DamagedFileError(f"{path} cannot be read ({err}); the file is damaged") from None
+    if not isinstance(data, dict):
+        raise DamagedFileError(f"{path} holds {type(data).__name__}, not an mmpost model config; the file is damaged")
+    return data
+
+
+@contextlib.contextmanager
+def _names_damage(path: Path, what: str):
+    """Turns a loader's failure on damaged bytes (safetensors' header errors, JSON errors) into an error naming
+    ``path``; a missing file stays a FileNotFoundError."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
+        if isinstance(err, DamagedFileError):
+            raise
+        raise DamagedFileError(
+            f"{path}: {what} cannot be loaded ({type(err).__name__}: {err}); is it damaged?"
+        ) from None

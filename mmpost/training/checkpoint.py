@@ -2,17 +2,27 @@
 
 ::
 
-    RUN/checkpoints/step-N/model/         mmpost model directory (loads with mmpost.load)
-    RUN/checkpoints/step-N/trainer.pt     optimizer, scheduler, loop state (torch.load weights_only)
-    RUN/checkpoints/step-N/rng-R.pt       RNG states of process R
-    RUN/checkpoints/step-N/config.yaml    the resolved run config
+    RUN/checkpoints/step-N/model/          mmpost model directory (loads with mmpost.load)
+    RUN/checkpoints/step-N/trainer.pt      optimizer, scheduler, loop state (torch.load weights_only)
+    RUN/checkpoints/step-N/rng-R.pt        RNG states of process R
+    RUN/checkpoints/step-N/config.yaml     the resolved run config
+    RUN/checkpoints/step-N/checksums.json  size and SHA-256 of the files above (the model has its own)
 
-Each checkpoint is written under ``step-N.tmp`` and renamed when complete, so an interrupted save
-never looks like a checkpoint.
+What survives what:
+
+- a kill during a save: the checkpoint is written under ``step-N.tmp`` and renamed when complete, so an
+  interrupted save never looks like a checkpoint;
+- a kill while an old checkpoint is deleted: it is renamed to ``step-N.old`` first, so a half-deleted one
+  never keeps a valid name;
+- a full disk: the free space is checked before writing (the size is known: the model's and the
+  optimizer's tensors), and a write that fails anyway is removed; either way the error says how much space
+  the checkpoint needs, and earlier checkpoints stay as they were;
+- damaged bytes: ``--resume`` checks every file against the checksums and names the damaged one.
 """
 
 from __future__ import annotations
 
+import errno
 import random
 import re
 import shutil
@@ -22,9 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmpost.checksums import DamagedFileError, verify_manifest, write_manifest
 from mmpost.config import RunConfig, dump_config
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+LEFTOVER = re.compile(r"^step-\d+\.(tmp|old)$")
+MODEL_DIR = "model"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that could not be written (no space left on the device, or another write error)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -62,6 +79,53 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def remove_leftovers(run_dir: Path) -> None:
+    """Deletes what an interrupted save or deletion left behind (``step-N.tmp``, ``step-N.old``)."""
+    folder = Path(run_dir) / "checkpoints"
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if LEFTOVER.match(path.name):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def discard(path: Path) -> None:
+    """Deletes a checkpoint directory by renaming it out of the ``step-N`` namespace first."""
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    path.rename(old)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def tensor_bytes(*states: Any) -> int:
+    """Bytes of the distinct tensors in nested dicts / lists (tied weights counted once)."""
+    seen: set[int] = set()
+    total = 0
+    stack = list(states)
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            key = item.untyped_storage().data_ptr() if item.device.type != "meta" else id(item)
+            if key not in seen:
+                seen.add(key)
+                total += item.numel() * item.element_size()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
+
+
+def no_space_message(folder: Path, step: int, needed: int, run_dir: Path) -> str:
+    free = shutil.disk_usage(folder).free
+    earlier = [p.name for _, p in step_checkpoints(run_dir)]
+    kept = f"earlier checkpoints are intact ({', '.join(earlier)}); " if earlier else ""
+    return (
+        f"no space left on device for checkpoint step-{step} in {folder}: it needs ~{needed / 2**20:.1f} MB, "
+        f"{free / 2**20:.1f} MB are free. {kept}free some space (or lower train.keep_checkpoints) and resume "
+        "with --resume"
+    )
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -73,37 +137,103 @@ def save_checkpoint(
     accelerator,
     keep: int,
 ) -> Path:
-    """Writes ``checkpoints/step-{step}`` (model and trainer state from the main process, RNG from each)."""
+    """Writes ``checkpoints/step-{step}`` (model and trainer state from the main process, RNG from each).
+
+    Raises:
+        CheckpointError: when the device is full (before writing, or when a write fails for lack of space);
+            the partial write is removed on every process and earlier checkpoints are kept.
+    """
     final = Path(run_dir) / "checkpoints" / f"step-{step}"
     tmp = final.with_name(final.name + ".tmp")
+    trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "loop": loop_state}
+    needed = tensor_bytes(model.state_dict(), trainer) + (1 << 20)
+    failure: str | None = None
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_leftovers(run_dir)
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        if shutil.disk_usage(tmp).free < needed:
+            failure = no_space_message(tmp.parent, step, needed, run_dir)
+    failure = agree_on_failure(accelerator, failure)
+    if failure is None:
+        try:
+            torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+            if accelerator.is_main_process:
+                model.save(tmp / MODEL_DIR)
+                torch.save(trainer, tmp / "trainer.pt")
+                dump_config(cfg, tmp / "config.yaml")
+                write_manifest(tmp, skip=(MODEL_DIR,))
+        except Exception as err:  # noqa: BLE001 - any failed write: remove it, then say why
+            failure = describe_write_failure(err, tmp.parent, step, needed, run_dir)
+        failure = agree_on_failure(accelerator, failure)
+    if failure is not None:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        raise CheckpointError(failure)
     if accelerator.is_main_process:
-        model.save(tmp / "model")
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "loop": loop_state},
-            tmp / "trainer.pt",
-        )
-        dump_config(cfg, tmp / "config.yaml")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
+        if final.exists():
+            discard(final)
         tmp.rename(final)
         for _, old in step_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            discard(old)
     accelerator.wait_for_everyone()
     return final
 
 
+def describe_write_failure(err: Exception, folder: Path, step: int, needed: int, run_dir: Path) -> str:
+    """Why a checkpoint write failed: a full device (torch's zip writer reports it as "unexpected pos"), or
+    the error itself."""
+    full = isinstance(err, OSError) and err.errno == errno.ENOSPC
+    if full or shutil.disk_usage(folder).free < needed:
+        return no_space_message(folder, step, needed, run_dir)
+    return f"writing checkpoint step-{step} in {folder} failed: {type(err).__name__}: {err}"
+
+
+def agree_on_failure(accelerator, failure: str | None) -> str | None:
+    """Every process learns whether any process failed, so that all of them stop together."""
+    if accelerator.num_processes == 1:
+        return failure
+    failed = torch.tensor(float(failure is not None), device=accelerator.device)
+    if float(accelerator.reduce(failed, "sum")) == 0:
+        return None
+    return failure or "another process failed to write its part of the checkpoint (see its error)"
+
+
+def verify_checkpoint(checkpoint: Path) -> None:
+    """Checks the checkpoint's files and its model's files against their checksums.
+
+    Raises:
+        DamagedFileError: naming the damaged file, and the other checkpoints to resume from instead.
+    """
+    try:
+        verify_manifest(checkpoint, "checkpoint")
+        verify_manifest(checkpoint / MODEL_DIR, "checkpoint model")
+    except DamagedFileError as err:
+        others = [p.name for _, p in step_checkpoints(checkpoint.parent.parent) if p != checkpoint]
+        hint = (f"; earlier checkpoints: {', '.join(others)} (move {checkpoint.name} aside to resume from the latest "
+                "of them)") if others else ""  # fmt: skip
+        raise DamagedFileError(f"{err}{hint}") from None
+
+
 def load_trainer_state(checkpoint: Path, process_index: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Returns (trainer state, this process's RNG state) of a checkpoint."""
-    trainer = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=True)
+    """Returns (trainer state, this process's RNG state) of a checkpoint.
+
+    Raises:
+        FileNotFoundError: when this process's RNG file is missing (fewer processes wrote the checkpoint).
+        DamagedFileError: naming a file that cannot be read.
+    """
     rng_file = checkpoint / f"rng-{process_index}.pt"
     if not rng_file.is_file():
         raise FileNotFoundError(
             f"{rng_file} is missing: the checkpoint was written by fewer processes; resume with the same number"
         )
-    return trainer, torch.load(rng_file, map_location="cpu", weights_only=True)
+    return read_torch_file(checkpoint / "trainer.pt"), read_torch_file(rng_file)
+
+
+def read_torch_file(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the unpickler raises many kinds on damaged bytes
+        raise DamagedFileError(f"{path} cannot be read ({type(err).__name__}: {err}); the file is damaged") from None
