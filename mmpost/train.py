@@ -13,8 +13,9 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from mmpost.config import to_dict
-from mmpost.data.loader import EpochBatchSampler, make_loader, read_source
+from mmpost.data.loader import EpochBatchSampler, StandIn, make_loader, read_source
 from mmpost.data.sample import DataError, Sample
 from mmpost.model.lmm import LMM, LossOutput
 from mmpost.training.accel import allow_unused_parameters
+from mmpost.training.changes import convert_position, rebuild_schedule
 from mmpost.training.checkpoint import load_trainer_state, save_checkpoint, set_rng_state
 from mmpost.training.evaluate import eval_accuracy, eval_loss, to_device
+from mmpost.training.interrupt import Interrupted, StopOnSignal
 from mmpost.training.metrics import MetricsLog
 from mmpost.training.parts import apply_trainable, make_optimizer, model_flops_per_token, set_train_mode
 from mmpost.training.run import RunContext
@@ -132,17 +135,28 @@ class Loop:
     total: int
     state: dict[str, int]
     evals: list[dict[str, Any]]
+    stand_in: StandIn
+    stop: StopOnSignal = field(default_factory=StopOnSignal)
 
     def end_step(self, ctx: RunContext, model: LMM) -> None:
-        """Evaluates and checkpoints after ``state["step"]`` when the config asks for it."""
+        """Evaluates and checkpoints after ``state["step"]`` when the config asks for it; after a SIGTERM or
+        SIGINT, checkpoints and raises ``Interrupted``."""
         t, step = ctx.cfg.train, self.state["step"]
         if self.evaluate.enabled and ((t.eval_every and step % t.eval_every == 0) or step == self.total):
             self.evals.append(self.evaluate(model, step) | {"data/skipped": self.state["skipped"]})
             self.metrics.write(self.evals[-1])
+        saved = None
         if t.save_every and step % t.save_every == 0 and step < self.total:
-            loop = {"state": dict(self.state), "evals": self.evals}
-            save_checkpoint(ctx.run_dir, step, model, self.optimizer, self.scheduler, loop, ctx.cfg,
-                            ctx.accelerator, t.keep_checkpoints)  # fmt: skip
+            saved = self.save(ctx, model)
+        signum = self.stop.requested(ctx.accelerator)
+        if signum is not None and step < self.total:
+            checkpoint = saved or self.save(ctx, model)
+            raise Interrupted(signum, step, checkpoint)
+
+    def save(self, ctx: RunContext, model: LMM) -> Path:
+        loop = {"state": dict(self.state), "evals": self.evals}
+        return save_checkpoint(ctx.run_dir, self.state["step"], model, self.optimizer, self.scheduler, loop, ctx.cfg,
+                               ctx.accelerator, ctx.cfg.train.keep_checkpoints)  # fmt: skip
 
 
 def start_loop(
@@ -194,10 +208,15 @@ def start_loop(
     evals: list[dict[str, Any]] = []
     if ctx.checkpoint is not None:
         trainer, rng = load_trainer_state(ctx.checkpoint, acc.process_index)
+        fresh = [{"lr": g["lr"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
         optimizer.load_state_dict(trainer["optimizer"])
         scheduler.load_state_dict(trainer["scheduler"])
         state |= trainer["loop"]["state"]
         evals = trainer["loop"]["evals"]
+        if ctx.changes:  # --allow-changes: defined in mmpost.training.changes
+            rebuild_schedule(optimizer, scheduler, fresh)
+            if "train.batch_size" in ctx.changes:
+                convert_position(state, ctx.changes["train.batch_size"][0], t.batch_size, acc.num_processes)
         metrics.truncate_after(state["step"])
         set_rng_state(rng)
     elif evaluate.enabled:
@@ -205,7 +224,7 @@ def start_loop(
         metrics.write(evals[-1])
     trainable = [p for p in model.parameters() if p.requires_grad]
     return Loop(wrapped, optimizer, scheduler, metrics, evaluate, micro_batches(loader, sampler, state), trainable,
-                total, state, evals)  # fmt: skip
+                total, state, evals, StandIn(loader))  # fmt: skip
 
 
 def count_batches(ctx: RunContext, state: dict[str, int], micro: list[dict[str, Any]], *extra: float) -> list[float]:
@@ -248,65 +267,87 @@ def fit(
     Returns:
         the run summary (also written to ``RUN/summary.json``): first and last evaluation, steps, time.
     """
-    cfg, acc, t = ctx.cfg, ctx.accelerator, ctx.cfg.train
+    cfg, acc = ctx.cfg, ctx.accelerator
     if samples == "read":
         samples = read_source(cfg.data.train, "data.train")
     loop = start_loop(ctx, model, parts, samples, mode, evaluator, pipeline=pipeline)
+    state = loop.state
+    bar = tqdm(total=loop.total, initial=state["step"], desc=cfg.stage["name"], disable=not acc.is_main_process)
+    started, window = time.perf_counter(), {"tokens": 0, "samples": 0, "time": time.perf_counter()}
+    with loop.stop, bar:  # the bar ends its line on an error too, so that the error starts a line of its own
+        while state["step"] < loop.total:
+            train_step(ctx, model, loop, loss_fn, units, prepare, window, bar)
+    check_bad_fraction(state, cfg.data.max_bad_fraction, [], final=True)
+    return finish(ctx, model, state, loop.evals, time.perf_counter() - started, loop.metrics)
+
+
+def train_step(ctx: RunContext, model: LMM, loop: Loop, loss_fn: LossFn, units, prepare, window, bar) -> None:
+    """One optimizer step over ``train.grad_accum`` micro-batches, then logging, evaluation and checkpoints."""
+    acc, t = ctx.accelerator, ctx.cfg.train
     wrapped, optimizer, scheduler, metrics = loop.wrapped, loop.optimizer, loop.scheduler, loop.metrics
     state, total, trainable = loop.state, loop.total, loop.trainable
-    bar = tqdm(total=total, initial=state["step"], desc=cfg.stage["name"], disable=not acc.is_main_process)
-    started, window = time.perf_counter(), {"tokens": 0, "samples": 0, "time": time.perf_counter()}
-    while state["step"] < total:
-        micro = [next(loop.batches) for _ in range(t.grad_accum)]
-        if prepare is not None:
-            micro = [prepare(model, to_device(b, acc.device)) for b in micro]
-        (n_tokens,) = count_batches(ctx, state, micro, sum(units(b) for b in micro))
-        loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
-        stats: dict[str, torch.Tensor] = {}
-        for i, batch in enumerate(micro):
-            sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(wrapped)
-            with sync:
-                if batch["ids"]:
-                    out = loss_fn(wrapped, to_device(batch, acc.device))
-                    # DDP averages gradients over processes; scaling by their number makes the
-                    # result the gradient of (summed loss / tokens of the whole step).
-                    loss = out.loss_sum * acc.num_processes / max(n_tokens, 1.0)
-                    loss_sum += out.loss_sum.detach().double()
-                    for key, value in out.stats.items():
-                        stats[key] = stats.get(key, 0.0) + value.detach().double()
-                else:  # every sample was skipped: a zero loss keeps the processes' backward passes in step
-                    loss = sum(p.sum() * 0.0 for p in trainable)
-                acc.backward(loss)
-            window["tokens"] += int(batch["attention_mask"].sum())
-            window["samples"] += len(batch["ids"])
-        loss_value = float(acc.reduce(loss_sum, reduction="sum")) / max(n_tokens, 1.0)
-        if not math.isfinite(loss_value):  # before the step, so the weights stay as they were
-            raise FloatingPointError(
-                f"loss is {loss_value} at step {state['step'] + 1}: lower train.lr, check the data or use "
-                f"train.precision=fp32; resume from the last checkpoint under {ctx.run_dir / 'checkpoints'}"
-            )
-        grad_norm = acc.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm > 0 else None
+    micro = [next(loop.batches) for _ in range(t.grad_accum)]
+    if prepare is not None:
+        micro = [prepare(model, to_device(b, acc.device)) for b in micro]
+    (n_tokens,) = count_batches(ctx, state, micro, sum(units(b) for b in micro))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+    stats: dict[str, torch.Tensor] = {}
+    # A step in which every sample of every process was skipped learns nothing: no forward, no update (the
+    # schedule still advances). The token count is global, so every process decides alike.
+    active = n_tokens > 0
+    for i, batch in enumerate(micro if active else []):
+        sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(wrapped)
+        real = bool(batch["ids"])
+        if not real and acc.num_processes == 1:
+            continue  # every sample of it was skipped
+        if not real:
+            # Every sample of this process's micro-batch was skipped while the others have some: it still
+            # runs a forward and backward, on a stand-in sample with weight 0, because DDP's forward and
+            # backward are collective and the other processes wait in them.
+            batch = loop.stand_in()
+        with sync:
+            out = loss_fn(wrapped, to_device(batch, acc.device))
+            # DDP averages gradients over processes; scaling by their number makes the
+            # result the gradient of (summed loss / tokens of the whole step).
+            loss = out.loss_sum * (acc.num_processes / max(n_tokens, 1.0) if real else 0.0)
+            acc.backward(loss)
+        if not real:
+            continue
+        loss_sum += out.loss_sum.detach().double()
+        for key, value in out.stats.items():
+            stats[key] = stats.get(key, 0.0) + value.detach().double()
+        window["tokens"] += int(batch["attention_mask"].sum())
+        window["samples"] += len(batch["ids"])
+    loss_value = float(acc.reduce(loss_sum, reduction="sum")) / n_tokens if active else math.nan
+    if active and not math.isfinite(loss_value):  # before the step, so the weights stay as they were
+        raise FloatingPointError(
+            f"loss is {loss_value} at step {state['step'] + 1}: lower train.lr, check the data or use "
+            f"train.precision=fp32; resume from the last checkpoint under {ctx.run_dir / 'checkpoints'}"
+        )
+    grad_norm = acc.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm > 0 and active else None
+    if active:
         optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        step = state["step"]
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        if step % t.log_every == 0 or step == total:
-            elapsed = time.perf_counter() - window["time"]
-            metrics.write({
-                "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "epoch": state["epoch"],
-                "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": int(n_tokens),
-                "tokens_per_s": window["tokens"] * acc.num_processes / elapsed,
-                "samples_per_s": window["samples"] * acc.num_processes / elapsed,
-                "data/skipped": state["skipped"], **step_means(stats, acc, n_tokens),
-            })  # fmt: skip
-            window = {"tokens": 0, "samples": 0, "time": time.perf_counter()}
-        loop.end_step(ctx, model)
-    bar.close()
-    check_bad_fraction(state, cfg.data.max_bad_fraction, [], final=True)
-    return finish(ctx, model, state, loop.evals, time.perf_counter() - started, metrics)
+    else:
+        with warnings.catch_warnings():  # torch warns when the schedule advances before a first update
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state["step"] += 1
+    step = state["step"]
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+    if step % t.log_every == 0 or step == total:
+        elapsed = time.perf_counter() - window["time"]
+        metrics.write({
+            "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "epoch": state["epoch"],
+            "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": int(n_tokens),
+            "tokens_per_s": window["tokens"] * acc.num_processes / elapsed,
+            "samples_per_s": window["samples"] * acc.num_processes / elapsed,
+            "data/skipped": state["skipped"], **step_means(stats, acc, n_tokens),
+        })  # fmt: skip
+        window.update(tokens=0, samples=0, time=time.perf_counter())
+    loop.end_step(ctx, model)
 
 
 def step_means(stats: dict[str, torch.Tensor], acc, units: float) -> dict[str, float]:

@@ -9,6 +9,7 @@ loading them.
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,9 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from mmpost.config.schema import DataConfig, DataSourceConfig
-from mmpost.data.chat import ChatEncoder
+from mmpost.data.chat import ChatEncoder, Skipped
 from mmpost.data.dataset import Collator, ListDataset, SampleProcessor, ShardDataset
-from mmpost.data.sample import Sample
+from mmpost.data.sample import DataError, Sample
 from mmpost.model.lmm import LMM
 
 
@@ -121,6 +122,7 @@ def make_loader(
     workers = dict(num_workers=data.num_workers, generator=torch.Generator().manual_seed(seed))
     if data.num_workers > 0:
         workers["multiprocessing_context"] = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
+        workers["worker_init_fn"] = leave_signals_to_the_main_process
     if samples is not None:
         sampler = EpochBatchSampler(len(samples), batch_size, rank, world, seed, shuffle, drop_last=shuffle)
         loader = DataLoader(ListDataset(samples, process), batch_sampler=sampler, collate_fn=collate, **workers)
@@ -129,3 +131,32 @@ def make_loader(
 
     dataset = ShardDataset(lambda: iter_shards(source.path), process)
     return DataLoader(dataset, batch_size=batch_size, collate_fn=collate, **workers), None
+
+
+def leave_signals_to_the_main_process(_worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT and SIGTERM: the main process stops the run (``mmpost.training.interrupt``).
+    A Ctrl-C reaches the whole process group and would otherwise kill the workers under the main process's feet."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+class StandIn:
+    """A one-sample batch of the training data, for a process whose micro-batch lost every sample.
+
+    Processes under DDP must run the same forwards and backwards; such a process runs this batch with its loss
+    weighted by 0. It is the first usable sample of the loader's dataset, found on first use and kept.
+    """
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.batch: dict[str, Any] | None = None
+
+    def __call__(self) -> dict[str, Any]:
+        if self.batch is None:
+            dataset = self.loader.dataset
+            items = (dataset[i] for i in range(len(dataset))) if isinstance(dataset, ListDataset) else iter(dataset)
+            item = next((x for x in items if not isinstance(x, Skipped)), None)
+            if item is None:
+                raise DataError("no sample of data.train is usable: every one was skipped (see train.log)")
+            self.batch = self.loader.collate_fn([item])
+        return self.batch

@@ -81,13 +81,13 @@ class DPO:
     def default_trainable(self, model: LMM) -> list[str]:
         return ["llm.lora" if model.has_lora else "llm"]
 
-    def run(self, cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
+    def run(self, cfg: RunConfig, resume: bool = False, allow_changes: bool = False) -> dict[str, Any]:
         samples = read_source(cfg.data.train, "data.train")
         if samples is not None:
             check_pairs(samples)
         if self.precompute and samples is None:
             raise DataError("stage.precompute_reference needs data.train as a .json / .jsonl file, not shards")
-        ctx = start_run(cfg, resume)
+        ctx = start_run(cfg, resume, allow_changes)
         model = build_model(ctx)
         parts = cfg.train.trainable or self.default_trainable(model)
         train_ref = eval_ref = None
@@ -155,6 +155,10 @@ def precompute(
     return look_up
 
 
+STAT_KEYS = ("kl", "logps/chosen", "logps/rejected", "rewards/accuracy", "rewards/chosen", "rewards/margin",
+             "rewards/rejected")  # fmt: skip
+
+
 class PairLoss:
     """The stage's loss on a batch of pairs (rows alternate chosen, rejected), summed over pairs."""
 
@@ -212,19 +216,22 @@ class PairEvaluator:
 
 
 def eval_pairs(model: LMM, batches: Iterable[dict[str, Any]], loss: PairLoss, acc) -> dict[str, float]:
-    """Summed loss and stats over held-out pairs, reduced across processes."""
-    keys: list[str] | None = None
-    totals = None
+    """Summed loss and stats over held-out pairs, reduced across processes (a process whose share has no usable
+    pair adds zeros: it must still join the reduction the others wait in)."""
+    keys = ["pairs", "loss", *STAT_KEYS]
+    totals = torch.zeros(len(keys), dtype=torch.float64)
     for batch in batches:
         if not batch["ids"]:
             continue
         with acc.autocast():
             out = loss(model, to_device(batch, acc.device))
-        keys = keys or ["pairs", "loss", *sorted(out.stats)]
-        values = torch.stack([torch.tensor(float(out.num_tokens)), out.loss_sum.detach().cpu().double()]
-                             + [out.stats[k].detach().cpu().double() for k in keys[2:]])  # fmt: skip
-        totals = values if totals is None else totals + values
-    if totals is None:
-        raise DataError("data.eval gave no usable preference pair")
+        stats = [out.stats.get(k, torch.zeros(())).detach().cpu().double() for k in STAT_KEYS]
+        totals += torch.stack([torch.tensor(float(out.num_tokens)).double(), out.loss_sum.detach().cpu().double(),
+                               *stats])  # fmt: skip
     totals = acc.reduce(totals.to(acc.device), reduction="sum")
-    return dict(zip(keys, totals.tolist(), strict=True))
+    if float(totals[0]) == 0:
+        raise DataError("data.eval gave no usable preference pair")
+    result = dict(zip(keys, totals.tolist(), strict=True))
+    if loss.reference_logps is None:
+        result.pop("kl")
+    return result

@@ -98,11 +98,11 @@ class GRPO:
     def default_trainable(self, model: LMM) -> list[str]:
         return ["llm.lora" if model.has_lora else "llm"]
 
-    def run(self, cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
+    def run(self, cfg: RunConfig, resume: bool = False, allow_changes: bool = False) -> dict[str, Any]:
         samples = read_source(cfg.data.train, "data.train")
         if samples is not None and "accuracy" in self.rewards.names:
             check_answers(samples)
-        ctx = start_run(cfg, resume)
+        ctx = start_run(cfg, resume, allow_changes)
         model = build_model(ctx)
         parts = cfg.train.trainable or self.default_trainable(model)
         reference = make_reference(ctx, model, parts) if self.beta > 0 else None
@@ -110,52 +110,73 @@ class GRPO:
 
     def fit(self, ctx: RunContext, model: LMM, parts: list[str], samples, reference: Reference | None):
         """The loop: sample and score, then μ optimizer steps, per step; log, evaluate, checkpoint."""
-        cfg, acc, t = ctx.cfg, ctx.accelerator, ctx.cfg.train
+        cfg, acc = ctx.cfg, ctx.accelerator
         loop = start_loop(ctx, model, parts, samples, "prompt", updates_per_step=self.iterations)
         state = loop.state
         bar = tqdm(total=loop.total, initial=state["step"], desc="grpo", disable=not acc.is_main_process)
         started = time.perf_counter()
-        while state["step"] < loop.total:
-            micro = [next(loop.batches) for _ in range(t.grad_accum)]
-            count_batches(ctx, state, micro)
-            t0 = time.perf_counter()
-            model.eval()
-            rollouts = [self.rollout(model, to_device(b, acc.device)) for b in micro if b["ids"]]
-            set_train_mode(model)
-            t1 = time.perf_counter()
-            record = self.optimise(loop, model, rollouts, reference, acc, t)
-            t2 = time.perf_counter()
-            state["step"] += 1
-            step = state["step"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward/mean']:.3f}")
-            if step % t.log_every == 0 or step == loop.total:
-                loop.metrics.write({"step": step, **record, "lr": loop.scheduler.get_last_lr()[0],
-                                    "epoch": state["epoch"], "time/sampling_share": (t1 - t0) / (t2 - t0),
-                                    "time/step_s": t2 - t0, "data/skipped": state["skipped"]})  # fmt: skip
-            loop.end_step(ctx, model)
-        bar.close()
+        with loop.stop, bar:
+            while state["step"] < loop.total:
+                self.step(ctx, model, loop, reference, bar)
         check_bad_fraction(state, cfg.data.max_bad_fraction, [], final=True)
         return finish(ctx, model, state, loop.evals, time.perf_counter() - started, loop.metrics)
 
-    def rollout(self, model: LMM, batch: dict[str, Any]) -> Rollout:
-        return sample_and_score(model, batch, self.rewards, self.group_size, self.max_completion_length,
-                                    self.temperature, self.top_p, self.share_prefill, self.scale_rewards)  # fmt: skip
+    def step(self, ctx: RunContext, model: LMM, loop: Loop, reference: Reference | None, bar) -> None:
+        """Samples and scores a step's prompts, takes μ optimizer steps on them, logs, evaluates, checkpoints."""
+        acc, t, state = ctx.accelerator, ctx.cfg.train, loop.state
+        micro = [next(loop.batches) for _ in range(t.grad_accum)]
+        (prompts,) = count_batches(ctx, state, micro, sum(len(b["ids"]) for b in micro))
+        if acc.num_processes > 1:
+            # a micro-batch that lost every prompt still takes part in the collective forwards and backwards:
+            # on a stand-in prompt whose loss mask is all zero (its rollout is left out of the metrics)
+            micro = [b if b["ids"] else {**loop.stand_in(), "stand_in": True} for b in micro]
+        t0 = time.perf_counter()
+        model.eval()
+        rollouts = [self.rollout(model, to_device(b, acc.device)) for b in micro if b["ids"]]
+        set_train_mode(model)
+        t1 = time.perf_counter()
+        record = self.optimise(loop, model, rollouts, reference, acc, t, active=prompts > 0)
+        t2 = time.perf_counter()
+        state["step"] += 1
+        step = state["step"]
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record['reward/mean']:.3f}")
+        if step % t.log_every == 0 or step == loop.total:
+            loop.metrics.write({"step": step, **record, "lr": loop.scheduler.get_last_lr()[0],
+                                "epoch": state["epoch"], "time/sampling_share": (t1 - t0) / (t2 - t0),
+                                "time/step_s": t2 - t0, "data/skipped": state["skipped"]})  # fmt: skip
+        loop.end_step(ctx, model)
 
-    def optimise(self, loop: Loop, model: LMM, rollouts: list[Rollout], reference, acc, t) -> dict[str, float]:
-        """μ optimizer steps over the step's rollouts; returns the step's metrics (over every process)."""
+    def rollout(self, model: LMM, batch: dict[str, Any]) -> Rollout:
+        rollout = sample_and_score(model, batch, self.rewards, self.group_size, self.max_completion_length,
+                                   self.temperature, self.top_p, self.share_prefill, self.scale_rewards)  # fmt: skip
+        rollout.counted = not batch.get("stand_in", False)
+        return rollout
+
+    def optimise(
+        self, loop: Loop, model: LMM, rollouts: list[Rollout], reference, acc, t, active: bool = True
+    ) -> dict[str, float]:
+        """μ optimizer steps over the step's rollouts; returns the step's metrics (over every process).
+
+        Args:
+            active: False when no process has a prompt this step: the schedule advances, nothing is updated.
+        """
         g = self.group_size
         masks = []
         for r in rollouts:
             mask = r.labels[:, 1:] != -100  # [P*G, T-1]
             if self.filter_zero_variance:
                 mask &= ~r.zero_variance.repeat_interleave(g).unsqueeze(-1)
-            masks.append(mask)
+            masks.append(mask if r.counted else torch.zeros_like(mask))
         # normalisers of the whole generation batch: sequences on this process (DDP averages processes), and
         # tokens over every process divided by their number (the same per-process scale for DAPO)
         sequences = sum(int(m.any(-1).sum()) for m in masks)
         tokens = acc.reduce(torch.tensor(float(sum(int(m.sum()) for m in masks)), device=acc.device), "sum")
         norm = dict(num_sequences=max(sequences, 1), num_tokens=max(float(tokens) / acc.num_processes, 1.0))
+        if not active:  # no process has a prompt left to learn from: no update, as in fit
+            for _ in range(self.iterations):
+                loop.scheduler.step()
+            return self.step_metrics([], torch.zeros(3, dtype=torch.float64, device=acc.device), tokens, acc)
         args = [(r.input_ids, r.attention_mask, r.media, r.labels) for r in rollouts]
         old, ref = [None] * len(rollouts), [None] * len(rollouts)
         with torch.no_grad():
@@ -180,7 +201,7 @@ class GRPO:
             loop.optimizer.step()
             loop.scheduler.step()
             loop.optimizer.zero_grad(set_to_none=True)
-        return self.step_metrics(rollouts, sums, tokens, acc)
+        return self.step_metrics([r for r in rollouts if r.counted], sums, tokens, acc)
 
     def step_metrics(self, rollouts: list[Rollout], sums: torch.Tensor, tokens, acc) -> dict[str, float]:
         """Loss, rewards, lengths, KL, clipping and zero-variance groups of a step, over every process."""

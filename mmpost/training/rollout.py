@@ -31,6 +31,8 @@ class Rollout:
         rewards: ``[P*G]`` weighted reward totals; ``per_function``: each reward function's raw values.
         lengths: ``[P*G]`` completion lengths in tokens; ``zero_variance``: ``[P]`` groups with equal rewards.
         texts: the decoded completions.
+        counted: False for a stand-in prompt (``mmpost.data.loader.StandIn``): its loss mask is zeroed and it is
+            left out of the metrics.
     """
 
     input_ids: torch.Tensor
@@ -43,6 +45,7 @@ class Rollout:
     lengths: torch.Tensor
     zero_variance: torch.Tensor
     texts: list[str]
+    counted: bool = True
 
 
 def completion_mask(completions: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
