@@ -1,7 +1,8 @@
 """The ``mmpost`` command: train, demo, data synth, generate, export, distill-data, config.
 
 Errors a user can fix (config, data, paths, launch) print one ``mmpost: error: ...`` line and exit
-with status 2; anything else is a bug and keeps its traceback.
+with status 2; anything else is a bug and keeps its traceback. A run stopped by SIGTERM or SIGINT
+writes a checkpoint, prints one line naming it and exits with 128 + the signal number (143, 130).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     bad part arguments. Set MMPOST_DEBUG=1 to see their tracebacks too."""
     from mmpost.registry import RegistryError
     from mmpost.training.accel import LaunchError
+    from mmpost.training.checkpoint import CheckpointError
     from mmpost.training.run import RunError
 
-    return (FileNotFoundError, FileExistsError, ValueError, FloatingPointError, RegistryError, RunError, LaunchError)
+    return (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, FloatingPointError, RegistryError,
+            RunError, LaunchError, CheckpointError)  # fmt: skip
 
 
 def _overrides(values: list[list[str]] | None) -> list[str]:
@@ -29,12 +32,12 @@ def _overrides(values: list[list[str]] | None) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mmpost.config import load_config
-    from mmpost.stages import STAGES
+    from mmpost.stages import build_stage
 
+    if args.allow_changes and not args.resume:
+        raise ValueError("--allow-changes applies to --resume only")
     cfg = load_config(args.config, _overrides(args.set))
-    options = {k: v for k, v in cfg.stage.items() if k != "name"}
-    stage = STAGES.build(cfg.stage["name"], **options)
-    summary = stage.run(cfg, resume=args.resume)
+    summary = build_stage(cfg).run(cfg, resume=args.resume, allow_changes=args.allow_changes)
     if int(os.environ.get("RANK", "0")) == 0:
         after = summary["eval_after"] or {}
         shown = {k: round(v, 4) for k, v in after.items() if k.startswith("eval/")}
@@ -53,6 +56,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from mmpost.data.synth import synthesize
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise FileExistsError(f"--out {args.out} is a file; name a directory for the data")
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
     manifest = synthesize(args.out, num_train=args.train, num_heldout=args.heldout, image_size=args.image_size,
                           seed=args.seed, modalities=modalities)  # fmt: skip
@@ -132,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML run config (see `mmpost config keys`)")
     p.add_argument("--set", nargs="+", action="append", metavar="KEY=VALUE", help="override keys: train.lr=2e-5")
     p.add_argument("--resume", action="store_true", help="continue the run in `out` from its latest checkpoint")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: apply settings that differ from the checkpoint's from its step on (the "
+                        "learning-rate schedule is rebuilt with the new values; a new batch size keeps the data "
+                        "position in samples); without it such a resume is refused")  # fmt: skip
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="synthetic data + tiny models: align, sft, evaluate, export (CPU, offline)")
@@ -212,8 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     quiet_libraries()
+    from mmpost.training.interrupt import Interrupted
+
     try:
         return args.func(args)
+    except Interrupted as stop:
+        if rank == 0:
+            print(f"mmpost: {stop}", file=sys.stderr)
+        return stop.exit_code
     except user_errors() as err:
         if os.environ.get("MMPOST_DEBUG"):
             raise

@@ -91,11 +91,11 @@ class Distill:
     def default_trainable(self, model: LMM) -> list[str]:
         return ["connectors", "llm.lora" if model.has_lora else "llm"]
 
-    def run(self, cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
+    def run(self, cfg: RunConfig, resume: bool = False, allow_changes: bool = False) -> dict[str, Any]:
         samples = read_source(cfg.data.train, "data.train")
         if self.top_k and samples is None:
             raise DataError("stage.teacher_top_k needs data.train as a .json / .jsonl file, not shards")
-        ctx = start_run(cfg, resume)
+        ctx = start_run(cfg, resume, allow_changes)
         model = build_model(ctx)
         teacher = load_teacher(self.teacher_path, model, ctx.accelerator.device)
         pipeline = teacher.pipeline(model, cfg.data.max_length, "train")

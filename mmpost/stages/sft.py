@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from mmpost.config import RunConfig
+from mmpost.data.loader import read_source
 from mmpost.model.lmm import LMM
 from mmpost.train import fit
 from mmpost.training.run import build_model, start_run
@@ -21,7 +22,8 @@ class SFT:
     def default_trainable(self, model: LMM) -> list[str]:
         return ["connectors", "llm.lora" if model.has_lora else "llm"]
 
-    def run(self, cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
-        ctx = start_run(cfg, resume)
+    def run(self, cfg: RunConfig, resume: bool = False, allow_changes: bool = False) -> dict[str, Any]:
+        samples = read_source(cfg.data.train, "data.train")  # a bad data file fails before the run directory exists
+        ctx = start_run(cfg, resume, allow_changes)
         model = build_model(ctx)
-        return fit(ctx, model, cfg.train.trainable or self.default_trainable(model))
+        return fit(ctx, model, cfg.train.trainable or self.default_trainable(model), samples=samples)

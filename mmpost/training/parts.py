@@ -87,19 +87,24 @@ def param_groups(model: LMM, train: TrainConfig, parts: Sequence[str]) -> list[d
     for key in train.part_lr:
         if key not in valid_parts(model):
             raise PartError(f"train.part_lr: unknown part {key!r}; valid: {', '.join(valid_parts(model))}")
-    lr_of: dict[int, float] = {}
+    part_of: dict[int, str] = {}
     for part in sorted(train.part_lr, key=lambda k: k.count(".")):  # general first, specific overrides
         for _, p in part_params(model, part):
-            lr_of[id(p)] = train.part_lr[part]
-    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+            part_of[id(p)] = part
+    # Groups are keyed by the part_lr entry, not by the rate, so that a resume with other rates
+    # (--allow-changes) finds the optimizer state's groups where they were.
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = 0.0 if p.ndim < 2 or "norm" in name.lower() else train.weight_decay
-        groups.setdefault((lr_of.get(id(p), train.lr), decay), []).append(p)
+        decays = not (p.ndim < 2 or "norm" in name.lower())
+        groups.setdefault((part_of.get(id(p), ""), decays), []).append(p)
     if not groups:
         raise PartError(f"nothing to train: train.trainable {list(parts)} selects no parameters")
-    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+    return [
+        {"params": ps, "lr": train.part_lr.get(part, train.lr), "weight_decay": train.weight_decay if decays else 0.0}
+        for (part, decays), ps in groups.items()
+    ]
 
 
 def make_optimizer(model: LMM, train: TrainConfig, parts: Sequence[str], total_steps: int):

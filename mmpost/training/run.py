@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -13,7 +15,8 @@ from mmpost.config import RunConfig, dump_config
 from mmpost.model.io import load_lmm, resolve_model_dir
 from mmpost.model.lmm import LMM
 from mmpost.training.accel import make_accelerator
-from mmpost.training.checkpoint import latest_checkpoint
+from mmpost.training.changes import changed_settings
+from mmpost.training.checkpoint import latest_checkpoint, remove_leftovers, step_checkpoints, verify_checkpoint
 
 log = logging.getLogger("mmpost")
 
@@ -31,43 +34,79 @@ class RunContext:
         run_dir: the run directory.
         accelerator: the run's one accelerator.
         checkpoint: the checkpoint being resumed, or None for a fresh run.
+        changes: settings a resume changed from the checkpoint's (``--allow-changes``): key -> (old, new).
     """
 
     cfg: RunConfig
     run_dir: Path
     accelerator: Accelerator
     checkpoint: Path | None
+    changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
 
-def start_run(cfg: RunConfig, resume: bool) -> RunContext:
+RUN_FILES = {"config.yaml", "train.log", "metrics.jsonl", "tb", "checkpoints"}
+
+
+def failed_start(run_dir: Path) -> bool:
+    """True for a run directory that holds only what a run writes before its first checkpoint (a start that
+    failed, e.g. on a config error found after the directory was made): a rerun may replace it."""
+    names = {p.name for p in run_dir.iterdir()}
+    return names <= RUN_FILES and not step_checkpoints(run_dir)
+
+
+def start_run(cfg: RunConfig, resume: bool, allow_changes: bool = False) -> RunContext:
     """Checks the run directory, writes ``config.yaml``, seeds, and creates the accelerator.
 
+    A fresh run refuses a non-empty run directory, except one that a failed start left (``failed_start``),
+    which it replaces. A resume checks the latest checkpoint's files against their checksums and the config
+    against the checkpoint's (``mmpost.training.changes``).
+
     Raises:
-        RunError: for an empty ``out``, a non-empty run directory without ``--resume``, or ``--resume``
-            with no checkpoint to resume from.
+        RunError: for an empty ``out``, an ``out`` that is a file, a non-empty run directory without
+            ``--resume``, or ``--resume`` with no checkpoint to resume from.
+        DamagedFileError: naming a checkpoint file whose checksum differs.
+        ResumeMismatch: listing the settings that differ from the checkpoint's.
     """
     if not cfg.out:
         raise RunError("out is empty: set the run directory (out: runs/my-run or --set out=...)")
     run_dir = Path(cfg.out)
-    checkpoint = None
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"out: {run_dir} is a file, not a directory; choose another out")
+    checkpoint, changes, replace = None, {}, False
+    if allow_changes and not resume:
+        raise RunError("--allow-changes applies to resuming only")
     if resume:
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             raise RunError(
                 f"--resume: no checkpoint under {run_dir / 'checkpoints'}; set train.save_every to save some"
             )
+        verify_checkpoint(checkpoint)
+        changes = changed_settings(checkpoint, cfg, allow_changes)
     elif run_dir.exists() and any(run_dir.iterdir()):
-        raise RunError(f"run directory {run_dir} is not empty: pass --resume to continue it, or choose another out")
+        if not failed_start(run_dir):
+            raise RunError(f"run directory {run_dir} is not empty: pass --resume to continue it, or choose another out")
+        replace = True
     accelerator = make_accelerator(cfg.train)
     if accelerator.is_main_process:
+        if replace:
+            log.info("replacing %s: it holds no checkpoint (an earlier start that failed)", run_dir)
+            shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(run_dir)
         dump_config(cfg, run_dir / "config.yaml")
+        for old_handler in [h for h in log.handlers if getattr(h, "mmpost_run_log", False)]:
+            log.removeHandler(old_handler)  # an earlier run in this process (the demo, a notebook)
+            old_handler.close()
         handler = logging.FileHandler(run_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.mmpost_run_log = True
         log.addHandler(handler)
+        for key, (old, new) in changes.items():
+            log.warning("resume with a changed setting (--allow-changes): %s %r -> %r", key, old, new)
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
-    return RunContext(cfg=cfg, run_dir=run_dir, accelerator=accelerator, checkpoint=checkpoint)
+    return RunContext(cfg=cfg, run_dir=run_dir, accelerator=accelerator, checkpoint=checkpoint, changes=changes)
 
 
 def build_model(ctx: RunContext) -> LMM:
@@ -83,7 +122,7 @@ def build_model(ctx: RunContext) -> LMM:
     cfg = ctx.cfg
     if ctx.checkpoint is not None:
         log.info("resuming from %s", ctx.checkpoint)
-        return load_lmm(ctx.checkpoint / "model")
+        return load_lmm(ctx.checkpoint / "model", verify=False)  # start_run checked its checksums
     encoders = {m: ENCODERS.build(**spec) for m, spec in cfg.model.encoders.items()}
     connectors = {m: CONNECTORS.build(**spec) for m, spec in cfg.model.connectors.items()}
     if cfg.from_ is None:
