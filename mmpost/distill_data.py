@@ -75,6 +75,8 @@ def write_teacher_answers(
         counts: ``{"written", "skipped", "empty"}``.
     """
     out = Path(out)
+    if out.is_dir():
+        raise FileExistsError(f"--out {out} is a directory; name the .jsonl file to write")
     if not isinstance(teacher, LMM):
         teacher = load_lmm(resolve_model_dir(teacher, what="teacher"))
     teacher.eval()

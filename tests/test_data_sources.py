@@ -389,3 +389,19 @@ def test_corrupt_shard_raises_unless_the_handler_skips_it(tmp_path):
         list(iter_shards(tmp_path))
     with pytest.warns(UserWarning):
         assert [s.id for s in iter_shards(tmp_path, handler=wds.warn_and_continue)] == ["fine"]
+
+
+@pytest.mark.parametrize("source", ["file", "bytes"])
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped_white(tmp_path, source):
+    from mmpost.data.dataset import decode_image
+
+    gradient = np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)  # a grey ramp, 16 bits deep
+    deep, shallow = tmp_path / "deep.png", tmp_path / "shallow.png"
+    Image.fromarray(gradient).save(deep)
+    Image.fromarray(np.rint(gradient / 257.0).astype(np.uint8)).save(shallow)
+    assert Image.open(deep).mode.startswith("I;16")
+    got = decode_image(deep if source == "file" else deep.read_bytes())
+    want = decode_image(shallow)
+    assert got.mode == "RGB" and got.size == want.size
+    difference = np.abs(np.asarray(got, dtype=np.float32) - np.asarray(want, dtype=np.float32)) / 255.0
+    assert difference.max() <= 1 / 255 and np.asarray(got).mean() < 200  # not a white image

@@ -54,14 +54,15 @@ def export(
             the source (``out`` is then removed).
     """
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"--out {out} is not empty; pass --force to replace it")
     if fmt not in ("mmpost", "hf"):
         raise ExportError(f"unknown export format {fmt!r}; use mmpost or hf")
     source_dir = None
     if not isinstance(model, LMM):
         source_dir = resolve_model_dir(model)
+        check_out(out, Path(model), force)
         model = load_lmm(source_dir)
+    else:
+        check_out(out, None, force)
     model.eval()
     if fmt == "hf":
         from mmpost.export.hf_llava import check_llava_compatible
@@ -96,6 +97,25 @@ def export(
     tmp.rename(out)
     log.info("export %s verified: %s", fmt, json.dumps(report))
     return out
+
+
+def check_out(out: Path, source: Path | None, force: bool) -> None:
+    """Refuses an ``out`` that is a file, is not empty (without ``force``), or would overwrite the source: one
+    that is the source, holds it or lies inside it (``--force`` would delete the run being exported).
+
+    Raises:
+        FileExistsError: naming ``out`` and why.
+    """
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; name a directory for the export")
+    if source is not None:
+        src, dst = source.resolve(), out.resolve()
+        if dst == src or dst in src.parents or src in dst.parents:
+            where = "is" if dst == src else ("holds" if dst in src.parents else "lies inside")
+            raise FileExistsError(f"--out {out} {where} the model being exported ({source}); choose a folder "
+                                  "outside it")  # fmt: skip
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"--out {out} is not empty; pass --force to replace it")
 
 
 def read_report(out: str | Path) -> dict[str, Any]:
