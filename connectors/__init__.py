@@ -7,8 +7,8 @@ below. Modules are imported only when their name is used.
 from mmpost.registry import Registry
 
 CONNECTORS = Registry("connector")
-CONNECTORS.add("linear", "connectors.projection:LinearConnector")
-CONNECTORS.add("mlp", "connectors.projection:MLPConnector")
-CONNECTORS.add("qformer", "connectors.qformer:QFormerConnector")
-CONNECTORS.add("resampler", "connectors.resampler:ResamplerConnector")
-CONNECTORS.add("xattn", "connectors.xattn:CrossAttentionConnector")
+CONNECTORS.add("linear", "mmpost.connectors.projection:LinearConnector")
+CONNECTORS.add("mlp", "mmpost.connectors.projection:MLPConnector")
+CONNECTORS.add("qformer", "mmpost.connectors.qformer:QFormerConnector")
+CONNECTORS.add("resampler", "mmpost.connectors.resampler:ResamplerConnector")
+CONNECTORS.add("xattn", "mmpost.connectors.xattn:CrossAttentionConnector")

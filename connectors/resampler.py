@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from connectors.attention import CrossAttention, FeedForward, check_heads
+from mmpost.connectors.attention import CrossAttention, FeedForward, check_heads
 from mmpost.interfaces import Connector
 
 

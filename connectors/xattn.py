@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from connectors.attention import CrossAttention, FeedForward, check_heads
-from connectors.resampler import PerceiverResampler
+from mmpost.connectors.attention import CrossAttention, FeedForward, check_heads
+from mmpost.connectors.resampler import PerceiverResampler
 from mmpost.interfaces import FusionConnector
 
 

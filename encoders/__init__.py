@@ -7,9 +7,9 @@ below. Modules are imported only when their name is used.
 from mmpost.registry import Registry
 
 ENCODERS = Registry("encoder")
-ENCODERS.add("open_clip", "encoders.open_clip_vision:OpenClipEncoder")
-ENCODERS.add("timm", "encoders.timm_vision:TimmEncoder")
-ENCODERS.add("hf_vision", "encoders.hf_vision:HFVisionEncoder")
-ENCODERS.add("whisper", "encoders.whisper_audio:WhisperAudioEncoder")
-ENCODERS.add("wav2vec2", "encoders.speech:Wav2Vec2Encoder")
-ENCODERS.add("hubert", "encoders.speech:HubertEncoder")
+ENCODERS.add("open_clip", "mmpost.encoders.open_clip_vision:OpenClipEncoder")
+ENCODERS.add("timm", "mmpost.encoders.timm_vision:TimmEncoder")
+ENCODERS.add("hf_vision", "mmpost.encoders.hf_vision:HFVisionEncoder")
+ENCODERS.add("whisper", "mmpost.encoders.whisper_audio:WhisperAudioEncoder")
+ENCODERS.add("wav2vec2", "mmpost.encoders.speech:Wav2Vec2Encoder")
+ENCODERS.add("hubert", "mmpost.encoders.speech:HubertEncoder")

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from torchaudio.models import Wav2Vec2Model, wav2vec2_model
 
-from encoders.waveform import SAMPLE_RATE, waveform_16k
+from mmpost.encoders.waveform import SAMPLE_RATE, waveform_16k
 from mmpost.interfaces import Audio, Encoder, EncoderOutput, MediaBatch, MediaProcessor
 from mmpost.weights import load_state_dict_file
 

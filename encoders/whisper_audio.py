@@ -33,7 +33,7 @@ from torch import nn
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder, WhisperEncoderLayer
 
-from encoders.waveform import SAMPLE_RATE, waveform_16k
+from mmpost.encoders.waveform import SAMPLE_RATE, waveform_16k
 from mmpost.interfaces import Audio, Encoder, EncoderOutput, MediaBatch, MediaProcessor
 from mmpost.weights import load_pretrained_dir, resolve_path
 

@@ -8,28 +8,34 @@ Build and swap parts::
                        connectors={"image": mmpost.connector("mlp", depth=2)})
     model.set_connector("image", mmpost.connector("linear"))
     model.save("out"); model = mmpost.load("out")
+
+The names are imported on first use, so that ``import mmpost.interfaces`` (what encoders and connectors import)
+loads no model, data or training code.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from mmpost.model.io import load_lmm as load
-from mmpost.model.lmm import LMM
+if TYPE_CHECKING:
+    from mmpost.model.build import connector, encoder
+    from mmpost.model.build import load_lmm as load
+    from mmpost.model.lmm import LMM
 
 __version__ = "0.1.0"
 __all__ = ["LMM", "connector", "encoder", "load"]
 
+_PUBLIC = {
+    "LMM": ("mmpost.model.lmm", "LMM"),
+    "load": ("mmpost.model.build", "load_lmm"),
+    "encoder": ("mmpost.model.build", "encoder"),
+    "connector": ("mmpost.model.build", "connector"),
+}
 
-def encoder(name: str, **kwargs: Any):
-    """Builds the encoder registered as ``name`` (``open_clip``, ``timm``, ``hf_vision``) with ``kwargs``."""
-    from encoders import ENCODERS
 
-    return ENCODERS.build(name, **kwargs)
-
-
-def connector(name: str, **kwargs: Any):
-    """Builds the connector registered as ``name`` (``linear``, ``mlp``) with ``kwargs``."""
-    from connectors import CONNECTORS
-
-    return CONNECTORS.build(name, **kwargs)
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'mmpost' has no attribute {name!r}")
+    module, attr = _PUBLIC[name]
+    return getattr(importlib.import_module(module), attr)

@@ -20,10 +20,19 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from mmpost.registry import RegistryError
     from mmpost.training.accel import LaunchError
     from mmpost.training.checkpoint import CheckpointError
-    from mmpost.training.run import RunError
+    from mmpost.training.context import RunError
 
-    return (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, FloatingPointError, RegistryError,
-            RunError, LaunchError, CheckpointError)  # fmt: skip
+    return (
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        ValueError,
+        FloatingPointError,
+        RegistryError,
+        RunError,
+        LaunchError,
+        CheckpointError,
+    )
 
 
 def _overrides(values: list[list[str]] | None) -> list[str]:
@@ -54,13 +63,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from mmpost.data.synth import synthesize
+    from mmpost.synthetic.write import synthesize
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise FileExistsError(f"--out {args.out} is a file; name a directory for the data")
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
-    manifest = synthesize(args.out, num_train=args.train, num_heldout=args.heldout, image_size=args.image_size,
-                          seed=args.seed, modalities=modalities)  # fmt: skip
+    manifest = synthesize(
+        args.out,
+        num_train=args.train,
+        num_heldout=args.heldout,
+        image_size=args.image_size,
+        seed=args.seed,
+        modalities=modalities,
+    )
     print(f"wrote {manifest['counts']} to {args.out}")
     return 0
 
@@ -82,15 +97,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     export(args.model, args.out, fmt=args.format, force=args.force, quantize=args.quantize, calib=calib)
     report = read_report(args.out)
     reload, size = report["reload"], report["size"]
-    print(f"exported {args.format} to {args.out}: reloaded with max |logit difference| "
-          f"{reload['max_abs_logit_diff']:.3g} and greedy agreement {reload['greedy_agreement']}; "
-          f"{size['bytes_on_disk'] / 2**20:.1f} MiB on disk")  # fmt: skip
+    print(
+        f"exported {args.format} to {args.out}: reloaded with max |logit difference| "
+        f"{reload['max_abs_logit_diff']:.3g} and greedy agreement {reload['greedy_agreement']}; "
+        f"{size['bytes_on_disk'] / 2**20:.1f} MiB on disk"
+    )
     if "quantization" in report:
         quant, moved = report["quantization"], report["quantized_vs_float"]
         ratio = size["quantized_layer_ratio"]
-        print(f"quantized {quant['layers']} layers, {quant['scheme']}: quantized layers take {ratio} of their "
-              f"bf16 size; vs the float model max |logit difference| {moved['max_abs_logit_diff']:.3g}, greedy "
-              f"agreement {moved['greedy_agreement']}")  # fmt: skip
+        print(
+            f"quantized {quant['layers']} layers, {quant['scheme']}: quantized layers take {ratio} of their "
+            f"bf16 size; vs the float model max |logit difference| {moved['max_abs_logit_diff']:.3g}, greedy "
+            f"agreement {moved['greedy_agreement']}"
+        )
     return 0
 
 
@@ -99,11 +118,19 @@ def cmd_distill_data(args: argparse.Namespace) -> int:
     from mmpost.distill_data import write_teacher_answers
 
     source = DataSourceConfig(path=args.data, image_root=args.image_root)
-    counts = write_teacher_answers(args.teacher, source, args.out, max_new_tokens=args.max_new_tokens,
-                                   batch_size=args.batch_size, temperature=args.temperature,
-                                   max_samples=args.max_samples)  # fmt: skip
-    print(f"wrote {counts['written']} teacher answers to {args.out} ({counts['skipped']} prompts skipped, "
-          f"{counts['empty']} empty answers dropped); train a student on it: data.train.path={args.out}")  # fmt: skip
+    counts = write_teacher_answers(
+        args.teacher,
+        source,
+        args.out,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        temperature=args.temperature,
+        max_samples=args.max_samples,
+    )
+    print(
+        f"wrote {counts['written']} teacher answers to {args.out} ({counts['skipped']} prompts skipped, "
+        f"{counts['empty']} empty answers dropped); train a student on it: data.train.path={args.out}"
+    )
     return 0
 
 
@@ -137,18 +164,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML run config (see `mmpost config keys`)")
     p.add_argument("--set", nargs="+", action="append", metavar="KEY=VALUE", help="override keys: train.lr=2e-5")
     p.add_argument("--resume", action="store_true", help="continue the run in `out` from its latest checkpoint")
-    p.add_argument("--allow-changes", action="store_true",
-                   help="with --resume: apply settings that differ from the checkpoint's from its step on (the "
-                        "learning-rate schedule is rebuilt with the new values; a new batch size keeps the data "
-                        "position in samples); without it such a resume is refused")  # fmt: skip
+    p.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="with --resume: apply settings that differ from the checkpoint's from its step on (the "
+        "learning-rate schedule is rebuilt with the new values; a new batch size keeps the data "
+        "position in samples); without it such a resume is refused",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="synthetic data + tiny models: align, sft, evaluate, export (CPU, offline)")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--force", action="store_true", help="replace a previous demo in --out")
-    p.add_argument("--stages", choices=["sft", "all"], default="sft",
-                   help="sft: align and sft (default); all: then dpo, grpo from a short sft run, distill "
-                        "into a smaller LLM, and an int4 GPTQ export")  # fmt: skip
+    p.add_argument(
+        "--stages",
+        choices=["sft", "all"],
+        default="sft",
+        help="sft: align and sft (default); all: then dpo, grpo from a short sft run, distill "
+        "into a smaller LLM, and an int4 GPTQ export",
+    )
     p.add_argument("--quick", action="store_true", help="a few steps on a sliver of the data: checks the install")
     p.set_defaults(func=cmd_demo)
 
@@ -178,19 +212,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["hf", "mmpost"], default="mmpost")
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing it")
-    p.add_argument("--quantize", metavar="SCHEME",
-                   help="quantize the LLM first: w8a16, w4a16 (round to nearest), w8a16-gptq, w4a16-gptq, or a YAML "
-                        "file of quantize keys (configs/quant/); written in the compressed-tensors format")  # fmt: skip
-    p.add_argument("--calib", metavar="DATA",
-                   help="gptq calibration data: .json / .jsonl, shards, or a run config "
-                        "(default: the run's training data)")  # fmt: skip
+    p.add_argument(
+        "--quantize",
+        metavar="SCHEME",
+        help="quantize the LLM first: w8a16, w4a16 (round to nearest), w8a16-gptq, w4a16-gptq, or a YAML "
+        "file of quantize keys (configs/quant/); written in the compressed-tensors format",
+    )
+    p.add_argument(
+        "--calib",
+        metavar="DATA",
+        help="gptq calibration data: .json / .jsonl, shards, or a run config (default: the run's training data)",
+    )
     p.add_argument("--calib-image-root", metavar="DIR", help="folder the --calib file's media paths are relative to")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("distill-data", help="let a teacher answer prompts and write the answers as sft data")
     p.add_argument("teacher", help="the teacher: a saved model directory or a run")
-    p.add_argument("--data", required=True, help="prompts: .json / .jsonl (LLaVA or messages records) or shards; "
-                   "a final assistant turn is replaced by the teacher's answer")  # fmt: skip
+    p.add_argument(
+        "--data",
+        required=True,
+        help="prompts: .json / .jsonl (LLaVA or messages records) or shards; "
+        "a final assistant turn is replaced by the teacher's answer",
+    )
     p.add_argument("--image-root", help="folder the data's media paths are relative to (default: the file's)")
     p.add_argument("--out", required=True, help="the .jsonl file to write (messages records)")
     p.add_argument("--max-new-tokens", type=int, default=128)

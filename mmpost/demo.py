@@ -56,9 +56,9 @@ STARTS_FROM = {"sft": "align", "sft_short": "align", "dpo": "sft", "grpo": "sft_
 
 def build_parts(out: Path, quick: bool = False) -> None:
     """Synthetic data plus the tiny LLM and CLIP tower the demo configs name."""
-    from mmpost.data.synth import synthesize
-    from mmpost.tiny.llm import make_tiny_llm, make_tiny_tokenizer
-    from mmpost.tiny.vision import make_tiny_clip, pretrain_tiny_tower
+    from mmpost.synthetic.tiny_llm import make_tiny_llm, make_tiny_tokenizer
+    from mmpost.synthetic.tiny_vision import make_tiny_clip, pretrain_tiny_tower
+    from mmpost.synthetic.write import synthesize
 
     n_train, n_heldout = (QUICK["train"], QUICK["heldout"]) if quick else (TRAIN_IMAGES, HELDOUT_IMAGES)
     synthesize(out / "data", num_train=n_train, num_heldout=n_heldout, image_size=64)
@@ -97,8 +97,12 @@ def stage_overrides(out: Path, stage: str, quick: bool = False) -> list[str]:
         return [*common, f"model.llm.path={out / 'base' / 'llm'}", f"model.encoders.image.path={out / 'base' / 'clip'}"]
     if stage == "distill":
         base = out / "base"
-        return [*common, f"model.llm.path={base / 'llm_small'}", f"model.encoders.image.path={base / 'clip'}",
-                f"stage.teacher={out / 'runs' / 'sft'}"]  # fmt: skip
+        return [
+            *common,
+            f"model.llm.path={base / 'llm_small'}",
+            f"model.encoders.image.path={base / 'clip'}",
+            f"stage.teacher={out / 'runs' / 'sft'}",
+        ]
     return [*common, f"from={out / 'runs' / STARTS_FROM[stage]}"]
 
 
@@ -188,8 +192,12 @@ def print_table(summary: dict[str, Any]) -> None:
     print(f"\nexported (transformers LLaVA layout, verified): {summary['export']}")
     if "quantized_export" in summary:
         q = summary["quantized_export"]
-        print(f"exported {q['quantization']['scheme']} (compressed-tensors, verified): {q['dir']}; quantized layers "
-              f"{q['size']['quantized_layer_ratio']:.2f} of their bf16 size; greedy agreement with the float model "
-              f"{q['quantized_vs_float']['greedy_agreement']}")  # fmt: skip
-    print(f"total {summary['seconds']:.0f} s. Try:\n  mmpost generate {summary['stages']['sft']['run']} "
-          f"--image {summary['example_image']} --prompt 'What shape is it?'")  # fmt: skip
+        print(
+            f"exported {q['quantization']['scheme']} (compressed-tensors, verified): {q['dir']}; quantized layers "
+            f"{q['size']['quantized_layer_ratio']:.2f} of their bf16 size; greedy agreement with the float model "
+            f"{q['quantized_vs_float']['greedy_agreement']}"
+        )
+    print(
+        f"total {summary['seconds']:.0f} s. Try:\n  mmpost generate {summary['stages']['sft']['run']} "
+        f"--image {summary['example_image']} --prompt 'What shape is it?'"
+    )

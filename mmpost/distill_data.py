@@ -19,12 +19,13 @@ from tqdm.auto import tqdm
 
 from mmpost.config.schema import DataSourceConfig
 from mmpost.data.chat import Skipped
-from mmpost.data.loader import make_pipeline, read_source
+from mmpost.data.loader import read_source
+from mmpost.data.pipeline import PromptPipeline
 from mmpost.data.sample import DataError, Sample
 from mmpost.data.sources import iter_shards
-from mmpost.model.io import load_lmm, resolve_model_dir
+from mmpost.model.build import load_lmm
+from mmpost.model.format import resolve_model_dir
 from mmpost.model.lmm import LMM
-from mmpost.training.evaluate import to_device
 
 log = logging.getLogger("mmpost")
 MEDIA_KEYS = {"image": "images", "audio": "audios"}
@@ -84,7 +85,7 @@ def write_teacher_answers(
     stream = iter(samples) if samples is not None else iter_shards(source.path)
     if max_samples > 0:
         stream = itertools.islice(stream, max_samples)
-    process, collate = make_pipeline(teacher, max_length, "prompt")
+    pipeline = PromptPipeline.for_model(teacher, max_length)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
     counts = {"written": 0, "skipped": 0, "empty": 0}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,7 @@ def write_teacher_answers(
     with out.open("w") as f, tqdm(desc="teacher answers", unit="sample", total=len(samples or []) or None) as bar:
         while chunk := list(itertools.islice(stream, batch_size)):
             prompts = [prompt_of(s) for s in chunk]
-            items = [process(p) for p in prompts]
+            items = [pipeline.process(p) for p in prompts]
             for item in items:
                 if isinstance(item, Skipped):
                     log.warning("distill-data: skipped %s (%s)", item.where, item.reason)
@@ -101,9 +102,8 @@ def write_teacher_answers(
             bar.update(len(chunk))
             if not kept:
                 continue
-            batch = to_device(collate(items), device)
-            tokens = teacher.generate(batch["input_ids"], batch["attention_mask"], batch["media"], max_new_tokens,
-                                      **sampling)  # fmt: skip
+            batch = pipeline.collate(items).to(device)
+            tokens = teacher.generate(batch.input_ids, batch.attention_mask, batch.media, max_new_tokens, **sampling)
             for prompt, row in zip(kept, tokens, strict=True):
                 answer = teacher.tokenizer.decode(row, skip_special_tokens=True).strip()
                 if not answer:

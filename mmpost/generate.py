@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 
 from mmpost.data.chat import Skipped
-from mmpost.data.loader import make_pipeline
+from mmpost.data.pipeline import PromptPipeline
 from mmpost.data.sample import PLACEHOLDERS, Sample
-from mmpost.model.io import load_lmm, resolve_model_dir
+from mmpost.model.build import load_lmm
+from mmpost.model.format import resolve_model_dir
 from mmpost.model.lmm import LMM
-from mmpost.training.evaluate import to_device
 
 
 def answer(
@@ -49,17 +49,17 @@ def answer(
         source="the command line",
     )
     sample.check_placeholders()
-    process, collate = make_pipeline(model, max_length=1 << 30, mode="prompt")
-    item = process(sample)
+    pipeline = PromptPipeline.for_model(model, max_length=1 << 30)
+    item = pipeline.process(sample)
     if isinstance(item, Skipped):
         raise ValueError(f"{item.where}: {item.reason}")
-    batch = to_device(collate([item]), next(model.parameters()).device)
+    batch = pipeline.collate([item]).to(next(model.parameters()).device)
     model.eval()
     with torch.no_grad():
         new = model.generate(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["media"],
+            batch.input_ids,
+            batch.attention_mask,
+            batch.media,
             max_new_tokens=max_new_tokens,
             **generate_kwargs,
         )

@@ -25,6 +25,10 @@ from torch import nn
 # pipeline to the connector's token count and replaced by media tokens in the LMM.
 PLACEHOLDERS: dict[str, str] = {"image": "<image>", "audio": "<audio>"}
 
+# The label of a position that no loss reads (prompt, media and padding tokens), as transformers and PyTorch's
+# cross-entropy take it.
+IGNORE = -100
+
 # What a processor's ``collate`` returns and an encoder's ``forward`` takes: a stacked tensor, or for
 # variable-length media a dict of tensors (e.g. padded values and lengths).
 MediaBatch = torch.Tensor | dict[str, torch.Tensor]

@@ -79,3 +79,13 @@ class Registry:
     def build(self, name: str, **kwargs: Any) -> Any:
         """Constructs the part registered under ``name`` with ``kwargs``."""
         return self.get(name)(**kwargs)
+
+
+# The stages, by name. Each one's module under ``mmpost/stages/`` holds its options dataclass (``Options``, the
+# schema of its ``stage:`` keys) and its ``run``; adding a stage is that module and one line here.
+STAGES = Registry("stage")
+STAGES.add("align", "mmpost.stages.align:Align")
+STAGES.add("sft", "mmpost.stages.sft:SFT")
+STAGES.add("dpo", "mmpost.stages.dpo.stage:DPO")
+STAGES.add("grpo", "mmpost.stages.grpo.stage:GRPO")
+STAGES.add("distill", "mmpost.stages.distill.stage:Distill")

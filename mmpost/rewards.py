@@ -20,8 +20,9 @@ Built-in names are exact keys of ``REWARDS``; anything else must be a dotted pat
 ``mypkg.rewards:brevity``). Every function is resolved when the ``RewardSet`` is built, so a misspelt name fails
 at start, before any model is loaded.
 
-Departure from the R1-style recipe: ``accuracy`` is exact match after light normalisation (numbers compared as
-numbers, text case-insensitively), with no symbolic equivalence: ``1/2`` and ``0.5`` do not match.
+Departure from the R1-style recipe: ``accuracy`` is exact match after light normalisation (``mmpost.answers``:
+numbers compared as numbers, text case-insensitively), with no symbolic equivalence: ``1/2`` and ``0.5`` do not
+match.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ import importlib
 import math
 import numbers
 import re
-import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from mmpost.answers import answer_span, completion_answers
 
 RewardFn = Callable[..., Any]
 
@@ -45,42 +47,18 @@ class RewardError(ValueError):
     """A reward that cannot be resolved, a bad reward config, or a reward that failed on a sample."""
 
 
-# An <answer> span holding no other <answer> tag, so "<answer>a<answer>b</answer>" yields "b".
-_ANSWER = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 _FORMAT = re.compile(
     r"\s*<think>(?:(?!</?think>).)*</think>\s*<answer>(?:(?!</?answer>).)*</answer>\s*",
     re.DOTALL,
 )
-_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
-# Punctuation that may surround a number ("(3)", "$5", "3!"); signs and the decimal point belong to it.
-_AROUND_NUMBER = "".join(c for c in string.punctuation if c not in "+-.") + string.whitespace
-
-
-def answer_span(completion: str) -> str | None:
-    """The stripped text of the last ``<answer>...</answer>`` span in ``completion``, or None if there is none."""
-    spans = _ANSWER.findall(completion)
-    return spans[-1].strip() if spans else None
-
-
-def _as_number(text: str) -> float | None:
-    text = text.strip(_AROUND_NUMBER)
-    if len(text) > 1 and text.endswith("."):  # "3." ends a sentence
-        text = text[:-1]
-    return float(text) if _NUMBER.fullmatch(text) else None
-
-
-def _normalise_text(text: str) -> str:
-    return " ".join(text.casefold().split()).rstrip(".!?").strip()
 
 
 def accuracy(completion: str, answer: Any = None, strict: bool = False, **fields: Any) -> float:
     """1.0 if the completion's answer equals the reference ``answer``, else 0.0.
 
     The completion's answer is its last ``<answer>`` span; without one it is the whole completion, or
-    nothing (reward 0.0) when ``strict``. If both sides are numbers (digits with an optional sign and decimal
-    point, surrounding punctuation ignored: ``" 3."``, ``"(3)"``, ``"03"`` and ``"3.0"`` all equal ``3``) they are
-    compared with a relative tolerance of 1e-6. Otherwise both are compared case-insensitively, with runs of
-    whitespace collapsed and trailing ``.``, ``!``, ``?`` dropped (``"Red."`` equals ``"red"``).
+    nothing (reward 0.0) when ``strict``. It is compared with ``answer`` as held-out accuracy compares
+    (``mmpost.answers``): numbers numerically, text case-insensitively without trailing punctuation.
 
     Args:
         completion: the model's generated text.
@@ -99,16 +77,9 @@ def accuracy(completion: str, answer: Any = None, strict: bool = False, **fields
             "the accuracy reward compares against a reference, so the data needs an `answer` field "
             f"in every record (got {answer!r})"
         )
-    predicted = answer_span(completion)
-    if predicted is None:
-        if strict:
-            return 0.0
-        predicted = completion
-    reference = str(answer)
-    pred_num, ref_num = _as_number(predicted), _as_number(reference)
-    if pred_num is not None and ref_num is not None:
-        return float(math.isclose(pred_num, ref_num, rel_tol=1e-6))
-    return float(_normalise_text(predicted) == _normalise_text(reference))
+    if strict and answer_span(completion) is None:
+        return 0.0
+    return float(completion_answers(completion, str(answer)))
 
 
 def format_reward(completion: str, **fields: Any) -> float:

@@ -10,9 +10,9 @@ import torch
 from helpers import write_run_config
 
 import mmpost
-from mmpost.data.synth import synthesize
-from mmpost.tiny.llm import make_tiny_llm, make_tiny_tokenizer
-from mmpost.tiny.vision import make_tiny_clip, make_tiny_siglip
+from mmpost.synthetic.tiny_llm import make_tiny_llm, make_tiny_tokenizer
+from mmpost.synthetic.tiny_vision import make_tiny_clip, make_tiny_siglip
+from mmpost.synthetic.write import synthesize
 
 
 def pytest_collection_modifyitems(config, items):
@@ -105,16 +105,26 @@ def after_sft(run_config, tmp_path, synth_dir):
     from mmpost.cli import main
 
     images = str(synth_dir / "images")
-    sft = run_config("sft", stage="sft", train={"max_steps": 4},
-                     data={"train": {"path": str(synth_dir / "sft.json"), "image_root": images}})  # fmt: skip
+    sft = run_config(
+        "sft",
+        stage="sft",
+        train={"max_steps": 4},
+        data={"train": {"path": str(synth_dir / "sft.json"), "image_root": images}},
+    )
     assert main(["train", str(sft)]) == 0
 
     def write(name: str, stage: dict[str, Any], defaults: dict[str, dict], **sections: Any) -> Path:
-        data = {split: {**spec, "path": str(synth_dir / spec["path"]), "image_root": images}
-                for split, spec in defaults["data"].items()}  # fmt: skip
-        return run_config(name, stage=stage, data={**data, **sections.pop("data", {})},
-                          train={**defaults["train"], **sections.pop("train", {})},
-                          model={"llm": {}, "encoders": {}, "connectors": {}, **sections.pop("model", {})},
-                          **{"from": str(tmp_path / "sft"), **sections})  # fmt: skip
+        data = {
+            split: {**spec, "path": str(synth_dir / spec["path"]), "image_root": images}
+            for split, spec in defaults["data"].items()
+        }
+        return run_config(
+            name,
+            stage=stage,
+            data={**data, **sections.pop("data", {})},
+            train={**defaults["train"], **sections.pop("train", {})},
+            model={"llm": {}, "encoders": {}, "connectors": {}, **sections.pop("model", {})},
+            **{"from": str(tmp_path / "sft"), **sections},
+        )
 
     return write

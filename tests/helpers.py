@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import yaml
 
-from mmpost.data.loader import make_pipeline
+from mmpost.data.pipeline import ConversationPipeline, PairPipeline, PromptPipeline
 
 
 def write_run_config(folder: Path, synth_dir: Path, llm_dir: Path, clip_dir: Path, name: str, **sections: Any) -> Path:
@@ -42,19 +42,31 @@ def write_run_config(folder: Path, synth_dir: Path, llm_dir: Path, clip_dir: Pat
     return path
 
 
-def make_batch(model, samples, mode: str = "train"):
-    """A collated batch of ``samples`` for ``model`` through the real data pipeline (no DataLoader)."""
-    process, collate = make_pipeline(model, max_length=512, mode=mode)
-    return collate([process(s) for s in samples])
+PIPELINES = {
+    "conversation": ConversationPipeline.for_model,
+    "prompt": PromptPipeline.for_model,
+    "reference": lambda model, max_length: PromptPipeline.for_model(model, max_length, need_reference=True),
+    "pair": PairPipeline.for_model,
+}
+
+
+def make_batch(model, samples, kind: str = "conversation"):
+    """A collated batch of ``samples`` for ``model`` through the real data pipeline (no DataLoader).
+
+    Args:
+        kind: ``conversation``, ``prompt``, ``reference`` (prompts of samples with a final answer) or ``pair``.
+    """
+    pipeline = PIPELINES[kind](model, 512)
+    return pipeline.collate([pipeline.process(s) for s in samples])
 
 
 def greedy_without_cache(model, batch, steps: int) -> torch.Tensor:
     """Greedy decoding by a full forward over the growing sequence at every step (no KV cache); media
     placeholders are never generated, as in ``LMM.generate``."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ids, mask = batch.input_ids, batch.attention_mask
     new = []
     for _ in range(steps):
-        logits = model(ids, mask, batch["media"])[:, -1]
+        logits = model(ids, mask, batch.media).dense()[:, -1]
         logits[:, list(model.placeholder_ids.values())] = float("-inf")
         token = logits.argmax(-1, keepdim=True)
         new.append(token)

@@ -18,13 +18,15 @@ import webdataset as wds
 
 from mmpost.cli import main
 from mmpost.data.chat import ChatEncoder
-from mmpost.data.dataset import Collator, ListDataset, SampleProcessor, ShardDataset, decode_audio
+from mmpost.data.loader import ListDataset, ShardDataset
+from mmpost.data.media import decode_audio
+from mmpost.data.pipeline import ConversationPipeline
 from mmpost.data.sample import DataError
 from mmpost.data.sources import iter_shards, read_records
-from mmpost.data.synth import synthesize
-from mmpost.data.synth_audio import LENGTHS, MAX_SECONDS, MIN_SECONDS, PITCHES, SAMPLE_RATE, Tones, draw_tones
 from mmpost.interfaces import Audio, MediaProcessor
-from mmpost.tiny.llm import make_tiny_tokenizer
+from mmpost.synthetic.audio import LENGTHS, MAX_SECONDS, MIN_SECONDS, PITCHES, SAMPLE_RATE, Tones, draw_tones
+from mmpost.synthetic.tiny_llm import make_tiny_tokenizer
+from mmpost.synthetic.write import synthesize
 
 NUM_TRAIN, NUM_HELDOUT, SHARD_SIZE = 36, 24, 12
 BOTH = ("image", "audio")
@@ -313,12 +315,11 @@ def pipeline(tmp_path_factory):
     tokenizer.add_tokens(["<image>", "<audio>"], special_tokens=True)
     ids = {m: tokenizer.convert_tokens_to_ids(f"<{m}>") for m in ("image", "audio")}
     processors = {"image": _MeanColour(), "audio": _Frames()}
-    process = SampleProcessor(ChatEncoder(tokenizer, ids, max_length=256), processors, lambda modality, shape: 4)
-    return process, Collator(tokenizer.pad_token_id, processors)
+    chat = ChatEncoder(tokenizer, ids, max_length=256)
+    return ConversationPipeline(chat, processors, lambda modality, shape: 4, tokenizer.pad_token_id)
 
 
 def test_corrupt_audio_in_json_data_is_skipped_and_counted(synth, tmp_path, pipeline):
-    process, collate = pipeline
     records = json.loads((synth / "audio_sft.json").read_text())[:6]
     for record in records:
         (ref,) = record["audios"]
@@ -328,36 +329,34 @@ def test_corrupt_audio_in_json_data_is_skipped_and_counted(synth, tmp_path, pipe
     _write_audio(tmp_path / "audio" / "empty.wav", np.zeros(0), SAMPLE_RATE, "WAV")
     records[4]["audios"] = ["audio/empty.wav"]
     (tmp_path / "data.json").write_text(json.dumps(records))
-    dataset = ListDataset(read_records(tmp_path / "data.json"), process)
-    batch = collate([dataset[i] for i in range(len(dataset))])
-    assert batch["num_samples"] == 6 and len(batch["skipped"]) == 2
-    assert all("cannot decode audio" in reason for reason in batch["skipped"])
-    assert records[2]["id"] in batch["skipped"][0] and records[4]["id"] in batch["skipped"][1]
-    assert batch["ids"] == [r["id"] for k, r in enumerate(records) if k not in (2, 4)]
-    assert batch["media"]["audio"].shape == (4, 100) and (batch["media"]["audio"].amax(dim=1) > 0.1).all()
+    dataset = ListDataset(read_records(tmp_path / "data.json"), pipeline.process)
+    batch = pipeline.collate([dataset[i] for i in range(len(dataset))])
+    assert batch.drawn == 6 and len(batch.skipped) == 2
+    assert all("cannot decode audio" in reason for reason in batch.skipped)
+    assert records[2]["id"] in batch.skipped[0] and records[4]["id"] in batch.skipped[1]
+    assert batch.ids == [r["id"] for k, r in enumerate(records) if k not in (2, 4)]
+    assert batch.media["audio"].shape == (4, 100) and (batch.media["audio"].amax(dim=1) > 0.1).all()
 
 
 def test_corrupt_audio_in_a_shard_is_skipped_and_counted(synth, tmp_path, pipeline):
-    process, collate = pipeline
     good = list(iter_shards(synth / "audio_shards" / "sft-000000.tar"))[:5]
     with wds.TarWriter(str(tmp_path / "bad.tar"), encoder=False) as writer:
         for k, sample in enumerate(good):
             flac = b"RIFF\x00\x00\x00\x00WAVEbroken" if k == 1 else sample.media["audio"][0]
             meta = {"id": sample.id, "messages": sample.messages, "audios": ["flac"]}
             writer.write({"__key__": sample.id, "flac": flac, "json": json.dumps(meta).encode()})
-    dataset = ShardDataset(lambda: iter_shards(tmp_path / "bad.tar"), process)
-    batch = collate(list(dataset))
-    assert batch["num_samples"] == 5 and len(batch["skipped"]) == 1
-    assert "cannot decode audio" in batch["skipped"][0] and good[1].id in batch["skipped"][0]
-    assert batch["ids"] == [s.id for k, s in enumerate(good) if k != 1]
+    dataset = ShardDataset(lambda: iter_shards(tmp_path / "bad.tar"), pipeline.process)
+    batch = pipeline.collate(list(dataset))
+    assert batch.drawn == 5 and len(batch.skipped) == 1
+    assert "cannot decode audio" in batch.skipped[0] and good[1].id in batch.skipped[0]
+    assert batch.ids == [s.id for k, s in enumerate(good) if k != 1]
 
 
 def test_mixed_samples_go_through_the_dataset_with_both_media(synth, pipeline):
-    process, collate = pipeline
     samples = read_records(synth / "mixed_sft.json")[:4]
-    batch = collate([process(s) for s in samples])
-    assert not batch["skipped"] and batch["ids"] == [s.id for s in samples]
-    assert batch["media"]["image"].shape == (4, 3) and batch["media"]["audio"].shape == (4, 100)
+    batch = pipeline.collate([pipeline.process(s) for s in samples])
+    assert not batch.skipped and batch.ids == [s.id for s in samples]
+    assert batch.media["image"].shape == (4, 3) and batch.media["audio"].shape == (4, 100)
 
 
 @pytest.mark.parametrize("name", AUDIO_FILES + MIXED_FILES)
@@ -396,8 +395,12 @@ def _wav_bytes(seconds: float = 0.2) -> bytes:
 def test_shards_take_unnamed_wav_entries_and_samples_with_both_media(synth, tmp_path):
     png = (synth / "images" / "train" / "000000.png").read_bytes()
     wav = _wav_bytes()
-    both = {"messages": [{"role": "user", "content": "<image>\n<audio>\nHow many beeps are there?"},
-                         {"role": "assistant", "content": "1"}]}  # fmt: skip
+    both = {
+        "messages": [
+            {"role": "user", "content": "<image>\n<audio>\nHow many beeps are there?"},
+            {"role": "assistant", "content": "1"},
+        ]
+    }
     audio_only = {"messages": [{"role": "user", "content": "<audio>\nShort?"}, {"role": "assistant", "content": "Y"}]}
     with wds.TarWriter(str(tmp_path / "s.tar"), encoder=False) as writer:
         writer.write({"__key__": "both", "png": png, "wav": wav, "json": json.dumps(both).encode()})
@@ -429,8 +432,23 @@ def test_audio_placeholder_count_is_checked_per_modality(tmp_path):
 
 
 def test_cli_synth_writes_audio_when_asked(tmp_path, capsys):
-    assert main(["data", "synth", "--out", str(tmp_path / "d"), "--train", "3", "--heldout", "2",
-                 "--modalities", "image,audio"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "data",
+                "synth",
+                "--out",
+                str(tmp_path / "d"),
+                "--train",
+                "3",
+                "--heldout",
+                "2",
+                "--modalities",
+                "image,audio",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "d" / "mixed_sft.json").is_file()
     assert (tmp_path / "d" / "audio" / "train" / "000002.flac").is_file()
     assert main(["data", "synth", "--out", str(tmp_path / "e"), "--train", "3", "--modalities", "image,video"]) == 2

@@ -16,11 +16,11 @@ from safetensors.torch import load_file, save_file
 from torchaudio.models import wav2vec2_model
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperModel
 
-from encoders import ENCODERS
-from encoders.speech import HubertEncoder, Wav2Vec2Encoder
-from encoders.whisper_audio import WhisperAudioEncoder
+from mmpost.encoders import ENCODERS
+from mmpost.encoders.speech import HubertEncoder, Wav2Vec2Encoder
+from mmpost.encoders.whisper_audio import WhisperAudioEncoder
 from mmpost.interfaces import Audio
-from mmpost.tiny.audio import make_tiny_speech, make_tiny_whisper
+from mmpost.synthetic.tiny_audio import make_tiny_speech, make_tiny_whisper
 
 WINDOW = 200  # mel frames per window of the tiny Whisper (max_source_positions=100): 2 s, 32000 samples
 

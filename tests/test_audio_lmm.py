@@ -13,9 +13,10 @@ from helpers import greedy_without_cache, make_batch
 import mmpost
 from mmpost.cli import main
 from mmpost.data.sources import read_records
-from mmpost.data.synth import synthesize
 from mmpost.generate import answer
-from mmpost.tiny.audio import make_tiny_speech, make_tiny_whisper
+from mmpost.losses.ce import cross_entropy_sum
+from mmpost.synthetic.tiny_audio import make_tiny_speech, make_tiny_whisper
+from mmpost.synthetic.write import synthesize
 from mmpost.training.metrics import read_metrics
 
 CONNECTORS = {
@@ -62,13 +63,14 @@ def test_audio_models_save_load_and_generate_with_the_kv_cache(
     model = audio_model(llm_dir, audio_encoders[encoder], CONNECTORS[connector])
     model.base_llm.generation_config.eos_token_id = None
     questions = read_records(media_dir / "audio_heldout.jsonl")[:3]  # clips of different lengths
-    batch = make_batch(model, questions, mode="generate")
-    assert len(set(batch["media"]["audio"]["lengths"].tolist())) > 1
-    cached = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], max_new_tokens=4)
+    batch = make_batch(model, questions, kind="reference")
+    assert len(set(batch.media["audio"]["lengths"].tolist())) > 1
+    args = (batch.input_ids, batch.attention_mask, batch.media)
+    cached = model.generate(*args, max_new_tokens=4)
     assert torch.equal(cached, greedy_without_cache(model, batch, 4))
-    before = model(batch["input_ids"], batch["attention_mask"], batch["media"])
+    before = model(*args).dense()
     model.save(tmp_path / "m")
-    after = mmpost.load(tmp_path / "m").eval()(batch["input_ids"], batch["attention_mask"], batch["media"])
+    after = mmpost.load(tmp_path / "m").eval()(*args).dense()
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
     if encoder == "whisper" and connector == "xattn":  # the command-line path serves audio models too
         clip = questions[0].media["audio"][0]
@@ -79,15 +81,15 @@ def test_per_frame_connector_gives_each_clip_its_own_token_count(llm_dir, media_
     model = audio_model(llm_dir, audio_encoders["whisper"], CONNECTORS["mlp"])
     samples = read_records(media_dir / "audio_heldout.jsonl")[:4]
     batch = make_batch(model, samples)
-    placeholders = (batch["input_ids"] == model.placeholder_ids["audio"]).sum(1)
+    placeholders = (batch.input_ids == model.placeholder_ids["audio"]).sum(1)
     encoder = model.encoders["audio"]
-    mask = encoder(batch["media"]["audio"]).mask
+    mask = encoder(batch.media["audio"]).mask
     assert placeholders.tolist() == mask.sum(1).tolist()  # padded frames are not spliced in
     assert len(set(placeholders.tolist())) > 1
     # and a clip's logits do not depend on the longer clips batched with it
-    together = model(batch["input_ids"], batch["attention_mask"], batch["media"])
+    together = model(batch.input_ids, batch.attention_mask, batch.media).dense()
     one = make_batch(model, samples[:1])
-    alone = model(one["input_ids"], one["attention_mask"], one["media"])[0]
+    alone = model(one.input_ids, one.attention_mask, one.media).dense()[0]
     torch.testing.assert_close(together[0, : alone.shape[0]], alone, rtol=1e-4, atol=1e-4)
 
 
@@ -103,20 +105,22 @@ def test_image_and_audio_in_one_model_train_and_reload(llm_dir, clip_dir, media_
     )
     samples = read_records(media_dir / "mixed_sft.json")[:6]
     batch = make_batch(model, samples)
-    assert set(batch["media"]) == {"image", "audio"}
+    assert set(batch.media) == {"image", "audio"}
     optimizer = torch.optim.AdamW(model.connectors.parameters(), lr=3e-3)
     losses = []
     for _ in range(6):
-        out = model(batch["input_ids"], batch["attention_mask"], batch["media"], labels=batch["labels"])
-        (out.loss_sum / out.num_tokens).backward()
+        out = model(batch.input_ids, batch.attention_mask, batch.media, labels=batch.labels)
+        loss = cross_entropy_sum(out.logits, out.targets) / out.targets.numel()
+        loss.backward()
         assert all(p.grad is not None for p in model.connectors.parameters() if p.requires_grad)
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(out.loss_sum.detach()) / out.num_tokens)
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0] - 0.1
     model.eval().save(tmp_path / "mixed")
-    before = model(batch["input_ids"], batch["attention_mask"], batch["media"])
-    after = mmpost.load(tmp_path / "mixed").eval()(batch["input_ids"], batch["attention_mask"], batch["media"])
+    args = (batch.input_ids, batch.attention_mask, batch.media)
+    before = model(*args).dense()
+    after = mmpost.load(tmp_path / "mixed").eval()(*args).dense()
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
 
 

@@ -58,7 +58,27 @@ def test_build_stage_passes_the_config_options(run_config):
 
     cfg = load_config(run_config(stage={"name": "grpo", "group_size": 3, "max_completion_length": 5}))
     stage = build_stage(cfg)
-    assert (stage.group_size, stage.max_completion_length) == (3, 5)
+    assert (stage.options.group_size, stage.options.max_completion_length) == (3, 5)
     resolved = stage_options(cfg)
     assert resolved["group_size"] == 3 and resolved["max_completion_length"] == 5
     assert resolved["iterations"] == 1 and "name" not in resolved
+
+
+def test_the_bench_runs_exactly_the_stage_that_train_runs(after_sft, tmp_path, one_thread, monkeypatch):
+    import mmpost.stages
+    from mmpost.cli import main
+
+    built = []
+    original = mmpost.stages.build_stage
+
+    def record(cfg):
+        built.append(cfg.stage)
+        return original(cfg)
+
+    monkeypatch.setattr(mmpost.stages, "build_stage", record)
+    options = {"name": "grpo", "group_size": 2, "max_completion_length": 3, "temperature": 0.7, "beta": 0.0}
+    config = after_sft("grpo-same", options, GRPO_DEFAULTS)
+    assert load_bench().main([str(config), "--steps", "1", "--warmup", "0"]) == 0
+    assert main(["train", str(config), "--set", f"out={tmp_path / 'trained'}", "train.max_steps=1"]) == 0
+    bench_stage, train_stage = built
+    assert bench_stage == train_stage and bench_stage.temperature == 0.7

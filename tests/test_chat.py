@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from mmpost.config.schema import LLMConfig
-from mmpost.data.chat import IGNORE, ChatEncoder, Encoded, Skipped
+from mmpost.data.chat import ChatEncoder, Encoded, Skipped
 from mmpost.data.sample import DataError, Sample
+from mmpost.interfaces import IGNORE
 from mmpost.model.llm import load_llm, prepare_tokenizer
 
 

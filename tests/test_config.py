@@ -108,7 +108,7 @@ QUANT_CONFIGS = sorted((ROOT / "configs" / "quant").glob("*.yaml"))
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_run_config_parses(path):
     cfg = load_config(path)
-    assert cfg.stage["name"] in ("align", "sft", "dpo", "grpo", "distill")
+    assert cfg.stage.name in ("align", "sft", "dpo", "grpo", "distill")
 
 
 @pytest.mark.parametrize("path", QUANT_CONFIGS, ids=lambda p: p.name)

@@ -82,9 +82,18 @@ def test_out_of_range_value_is_a_cli_error(base_config, item, message, capsys):
 def test_values_on_the_bounds_load(base_config):
     cfg = load_config(
         base_config,
-        ["model.lora.r=0", "model.lora.dropout=0", "train.warmup_ratio=1", "train.max_grad_norm=0", "seed=4294967295",
-         "train.keep_checkpoints=0", "data.max_bad_fraction=0", "train.max_steps=0", "data.max_length=2"],
-    )  # fmt: skip
+        [
+            "model.lora.r=0",
+            "model.lora.dropout=0",
+            "train.warmup_ratio=1",
+            "train.max_grad_norm=0",
+            "seed=4294967295",
+            "train.keep_checkpoints=0",
+            "data.max_bad_fraction=0",
+            "train.max_steps=0",
+            "data.max_length=2",
+        ],
+    )
     assert (cfg.seed, cfg.train.keep_checkpoints, cfg.train.warmup_ratio) == (4294967295, 0, 1.0)
 
 
@@ -215,7 +224,7 @@ def test_relative_paths_become_absolute_and_survive_a_dump(tmp_path, monkeypatch
         "template": cfg.model.llm.chat_template,
         "clip": cfg.model.encoders["image"]["path"],
         "qformer": cfg.model.connectors["image"]["path"],
-        "teacher": cfg.stage["teacher"],
+        "teacher": cfg.stage.teacher,
         "from": cfg.from_,
     }
     assert resolved == {name: str(path) for name, path in files.items()}
@@ -252,7 +261,7 @@ def test_hub_ids_pkg_paths_urls_and_template_text_stay(tmp_path, monkeypatch):
     assert cfg.model.encoders["audio"]["path"] == "pkg:some_weights/w.safetensors"
     assert cfg.data.train.path == config["data"]["train"]["path"]
     # names that do not exist (yet) are kept as written, so their errors later quote what the user wrote
-    assert (cfg.stage["teacher"], cfg.from_) == ("runs/not-yet", "runs/missing")
+    assert (cfg.stage.teacher, cfg.from_) == ("runs/not-yet", "runs/missing")
     # a local shard pattern is a path even though the pattern itself names no file
     cfg = load_config(None, ["stage=sft", "data.train.path=shards/sft-{000000..000009}.tar"])
     assert cfg.data.train.path == str(tmp_path / "shards" / "sft-{000000..000009}.tar")
@@ -264,5 +273,7 @@ def test_home_is_expanded(tmp_path, monkeypatch):
     cfg = load_config(None, ["stage=sft", "out=~/runs/x", "model.llm.path=~/llm", "data.train.image_root=~/img"])
     home = tmp_path / "home"
     assert (cfg.out, cfg.model.llm.path, cfg.data.train.image_root) == (
-        str(home / "runs" / "x"), str(home / "llm"), str(home / "img"),
-    )  # fmt: skip
+        str(home / "runs" / "x"),
+        str(home / "llm"),
+        str(home / "img"),
+    )

@@ -10,10 +10,11 @@ from helpers import greedy_without_cache, make_batch
 from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2QFormerModel
 
 import mmpost
-from connectors import CONNECTORS
 from mmpost.config.schema import LoraConfig
+from mmpost.connectors import CONNECTORS
 from mmpost.data.sample import Sample
 from mmpost.data.sources import read_records
+from mmpost.losses.ce import cross_entropy_sum
 from mmpost.registry import RegistryError
 
 # Small sizes for the tiny CLIP (width 32) and LLM (width 64, 2 layers).
@@ -49,8 +50,8 @@ def build(make_model, kind: str, seed: int = 0, **extra):
 def test_generate_with_kv_cache_equals_full_forward_decoding(make_model, questions, kind):
     model = build(make_model, kind)
     model.base_llm.generation_config.eos_token_id = None  # run every step
-    batch = make_batch(model, questions, mode="generate")
-    cached = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], max_new_tokens=5)
+    batch = make_batch(model, questions, kind="reference")
+    cached = model.generate(batch.input_ids, batch.attention_mask, batch.media, max_new_tokens=5)
     assert torch.equal(cached, greedy_without_cache(model, batch, 5))
 
 
@@ -58,10 +59,10 @@ def test_generate_with_kv_cache_equals_full_forward_decoding(make_model, questio
 def test_every_connector_saves_and_loads_with_equal_logits(make_model, questions, tmp_path, kind):
     model = build(make_model, kind)
     batch = make_batch(model, questions)
-    before = model(batch["input_ids"], batch["attention_mask"], batch["media"])
+    before = model(batch.input_ids, batch.attention_mask, batch.media).dense()
     model.save(tmp_path / "m")
     loaded = mmpost.load(tmp_path / "m").eval()
-    after = loaded(batch["input_ids"], batch["attention_mask"], batch["media"])
+    after = loaded(batch.input_ids, batch.attention_mask, batch.media).dense()
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
 
 
@@ -69,21 +70,21 @@ def test_every_connector_saves_and_loads_with_equal_logits(make_model, questions
 def test_xattn_with_closed_gates_is_exactly_the_bare_llm(make_model, questions, lora):
     model = make_model("xattn", **KINDS["xattn"]).eval()
     if lora:
-        from mmpost.model.llm import add_lora
+        from mmpost.model.lora import add_lora
 
         model.llm = add_lora(model.llm, LoraConfig(r=4))
     batch = make_batch(model, questions)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ids, mask = batch.input_ids, batch.attention_mask
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     bare = model.llm(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    ours = model(ids, mask, batch["media"])
+    ours = model(ids, mask, batch.media).dense()
     assert (ours - bare).abs().max() <= 1e-6
     open_gates(model)
-    assert (model(ids, mask, batch["media"]) - bare).abs().max() > 1e-3  # the media do reach the LLM
+    assert (model(ids, mask, batch.media).dense() - bare).abs().max() > 1e-3  # the media do reach the LLM
     if lora:  # generation with adapters and open gates: the KV cache path equals full forwards
         model.base_llm.generation_config.eos_token_id = None
-        prompts = make_batch(model, questions, mode="generate")
-        cached = model.generate(prompts["input_ids"], prompts["attention_mask"], prompts["media"], max_new_tokens=4)
+        prompts = make_batch(model, questions, kind="reference")
+        cached = model.generate(prompts.input_ids, prompts.attention_mask, prompts.media, max_new_tokens=4)
         assert torch.equal(cached, greedy_without_cache(model, prompts, 4))
 
 
@@ -103,14 +104,14 @@ def test_xattn_text_attends_only_to_media_before_it(make_model, synth_dir):
     model = build(make_model, "xattn")
     a = make_batch(model, [two_image_sample(synth_dir, 0, 1)])
     b = make_batch(model, [two_image_sample(synth_dir, 0, 2)])  # only the second image differs
-    ids = a["input_ids"][0]
+    ids = a.input_ids[0]
     marker = model.placeholder_ids["image"]
     first, second = (ids == marker).nonzero().flatten().tolist()
-    la = model(a["input_ids"], a["attention_mask"], a["media"])[0]
-    lb = model(b["input_ids"], b["attention_mask"], b["media"])[0]
+    la = model(a.input_ids, a.attention_mask, a.media).dense()[0]
+    lb = model(b.input_ids, b.attention_mask, b.media).dense()[0]
     assert torch.equal(la[:second], lb[:second])  # nothing before the second marker sees the second image
     assert (la[second:] - lb[second:]).abs().max() > 1e-4
-    bare = model.llm(input_ids=a["input_ids"], attention_mask=a["attention_mask"]).logits[0]
+    bare = model.llm(input_ids=a.input_ids, attention_mask=a.attention_mask).logits[0]
     assert torch.equal(la[:first], bare[:first])  # text before any medium is the LLM's own
     assert (la[first:second] - bare[first:second]).abs().max() > 1e-4
 
@@ -119,10 +120,10 @@ def test_xattn_several_media_per_sample_batch_like_one_by_one(make_model, synth_
     model = build(make_model, "xattn")
     samples = [two_image_sample(synth_dir, 3, 4), questions[0], two_image_sample(synth_dir, 5, 6)]
     batch = make_batch(model, samples)
-    together = model(batch["input_ids"], batch["attention_mask"], batch["media"])
+    together = model(batch.input_ids, batch.attention_mask, batch.media).dense()
     for row, sample in enumerate(samples):
         one = make_batch(model, [sample])
-        alone = model(one["input_ids"], one["attention_mask"], one["media"])[0]
+        alone = model(one.input_ids, one.attention_mask, one.media).dense()[0]
         torch.testing.assert_close(together[row, : alone.shape[0]], alone, rtol=1e-5, atol=1e-5)
 
 
@@ -146,9 +147,14 @@ def save_qformer(path: Path, encoder_width: int = 32, **fields) -> Blip2QFormerM
     """Saves a tiny random ``Blip2QFormerModel``; ``fields`` are further ``Blip2QFormerConfig`` fields."""
     torch.manual_seed(1)
     config = Blip2QFormerConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        encoder_hidden_size=encoder_width, cross_attention_frequency=1, **fields,
-    )  # fmt: skip
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        encoder_hidden_size=encoder_width,
+        cross_attention_frequency=1,
+        **fields,
+    )
     model = Blip2QFormerModel(config).eval()
     model.save_pretrained(path)
     return model
@@ -170,8 +176,13 @@ def test_qformer_from_a_transformers_checkpoint_gives_transformers_query_outputs
 
 def test_qformer_keeps_a_checkpoints_config_fields_through_mmpost_save_and_load(tmp_path, make_model, questions):
     # fields beyond the sizes: defaults would be eps 1e-12, gelu, 512 positions, 0.1 dropout
-    fields = {"layer_norm_eps": 1e-3, "hidden_act": "relu", "max_position_embeddings": 64,
-              "attention_probs_dropout_prob": 0.0, "hidden_dropout_prob": 0.05}  # fmt: skip
+    fields = {
+        "layer_norm_eps": 1e-3,
+        "hidden_act": "relu",
+        "max_position_embeddings": 64,
+        "attention_probs_dropout_prob": 0.0,
+        "hidden_dropout_prob": 0.05,
+    }
     reference = save_qformer(tmp_path / "qf", **fields)
     features = torch.randn(2, 10, 32)
 
@@ -186,26 +197,44 @@ def test_qformer_keeps_a_checkpoints_config_fields_through_mmpost_save_and_load(
     model = make_model("qformer", num_queries=4, path=str(tmp_path / "qf")).eval()
     assert_transformers_outputs(model.connectors["image"])
     batch = make_batch(model, questions)
-    before = model(batch["input_ids"], batch["attention_mask"], batch["media"])
+    before = model(batch.input_ids, batch.attention_mask, batch.media).dense()
     model.save(tmp_path / "m")
     loaded = mmpost.load(tmp_path / "m").eval()
     assert_transformers_outputs(loaded.connectors["image"])
-    torch.testing.assert_close(loaded(batch["input_ids"], batch["attention_mask"], batch["media"]), before,
-                               rtol=0, atol=1e-6)  # fmt: skip
+    after = loaded(batch.input_ids, batch.attention_mask, batch.media).dense()
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
     built = loaded.connectors["image"].qformer.config  # the training-time fields survive too
     assert {key: getattr(built, key) for key in fields} == fields
 
 
 def test_qformer_loads_query_tokens_and_projection_of_a_blip2_model(tmp_path):
     config = Blip2Config(
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-                       "image_size": 32, "patch_size": 8},
-        qformer_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
-                        "encoder_hidden_size": 32},
-        text_config={"model_type": "opt", "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-                     "ffn_dim": 64, "vocab_size": 100, "word_embed_proj_dim": 64},
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        qformer_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 64,
+            "encoder_hidden_size": 32,
+        },
+        text_config={
+            "model_type": "opt",
+            "hidden_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "ffn_dim": 64,
+            "vocab_size": 100,
+            "word_embed_proj_dim": 64,
+        },
         num_query_tokens=5,
-    )  # fmt: skip
+    )
     torch.manual_seed(2)
     blip2 = Blip2ForConditionalGeneration(config).eval()
     blip2.save_pretrained(tmp_path / "blip2")
@@ -240,7 +269,8 @@ def test_xattn_gradients_are_the_same_with_gradient_checkpointing(make_model, sy
         if checkpointing:  # the blocks run inside the checkpointed layer call and are recomputed
             model.base_llm.gradient_checkpointing_enable()
         batch = make_batch(model, samples)
-        model(batch["input_ids"], batch["attention_mask"], batch["media"], labels=batch["labels"]).loss_sum.backward()
+        out = model(batch.input_ids, batch.attention_mask, batch.media, labels=batch.labels)
+        cross_entropy_sum(out.logits, out.targets).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.connectors.parameters()]))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
@@ -251,12 +281,15 @@ def test_a_deep_copy_of_an_xattn_model_runs_its_own_blocks(make_model, questions
 
     model = build(make_model, "xattn")
     batch = make_batch(model, questions)
-    args = (batch["input_ids"], batch["attention_mask"], batch["media"])
-    before = model(*args)
+    args = (batch.input_ids, batch.attention_mask, batch.media)
+    before = model(*args).dense()
     twin = copy.deepcopy(model)  # e.g. a frozen reference model for preference training
-    torch.testing.assert_close(twin(*args), before, rtol=0, atol=0)
+    torch.testing.assert_close(twin(*args).dense(), before, rtol=0, atol=0)
     open_gates(twin, 0.0)  # closing the copy's gates must not touch the original
-    assert torch.equal(model(*args), before)
-    bare = model.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)).logits  # fmt: skip
-    assert (twin(*args) - bare).abs().max() <= 1e-6
+    assert torch.equal(model(*args).dense(), before)
+    bare = model.llm(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0),
+    ).logits
+    assert (twin(*args).dense() - bare).abs().max() <= 1e-6

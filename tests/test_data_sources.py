@@ -15,7 +15,8 @@ from PIL import Image
 
 from mmpost.data.sample import DataError
 from mmpost.data.sources import iter_shards, read_records
-from mmpost.data.synth import COLOURS, NUMBER_WORDS, SHAPES, synthesize
+from mmpost.synthetic.scenes import COLOURS, NUMBER_WORDS, SHAPES
+from mmpost.synthetic.write import synthesize
 
 NUM_TRAIN, NUM_HELDOUT, SHARD_SIZE = 60, 30, 20
 WORD_NUMBERS = {word: n for n, word in NUMBER_WORDS.items()}
@@ -393,7 +394,7 @@ def test_corrupt_shard_raises_unless_the_handler_skips_it(tmp_path):
 
 @pytest.mark.parametrize("source", ["file", "bytes"])
 def test_16_bit_images_are_scaled_to_8_bits_not_clipped_white(tmp_path, source):
-    from mmpost.data.dataset import decode_image
+    from mmpost.data.media import decode_image
 
     gradient = np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)  # a grey ramp, 16 bits deep
     deep, shallow = tmp_path / "deep.png", tmp_path / "shallow.png"

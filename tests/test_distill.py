@@ -7,6 +7,7 @@ become sft data."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,29 +19,33 @@ from helpers import write_run_config
 from transformers import AutoTokenizer
 
 import mmpost
-from connectors.projection import MLPConnector
 from mmpost.cli import main
 from mmpost.config import load_config
 from mmpost.config.schema import DataSourceConfig
-from mmpost.data.loader import make_pipeline, read_source
+from mmpost.connectors.projection import MLPConnector
+from mmpost.data.batches import ConversationBatch
+from mmpost.data.loader import read_source
+from mmpost.data.pipeline import ConversationPipeline
 from mmpost.data.sample import DataError
 from mmpost.distill_data import write_teacher_answers
 from mmpost.generate import answer
-from mmpost.model.io import load_lmm
-from mmpost.model.lmm import IGNORE
-from mmpost.stages.distill import (
-    Distill,
-    DistillLoss,
-    OnPolicy,
-    continued,
-    last_answer_prompts,
-    precompute_top_k,
+from mmpost.interfaces import IGNORE
+from mmpost.losses.ce import cross_entropy_sum
+from mmpost.model.build import load_lmm
+from mmpost.model.completions import completion_mask
+from mmpost.stages.distill.on_policy import StudentAnswers, last_answer_prompts, prompt_then_completion
+from mmpost.stages.distill.stage import Distill, DistillLoss, DistillOptions, precompute_top_k
+from mmpost.stages.distill.teacher import (
+    DistillBatch,
+    Teacher,
+    TeacherPipeline,
+    TokenizerMismatch,
+    check_tokenizers,
+    reads_alike,
 )
-from mmpost.tiny.llm import make_tiny_llm, make_tiny_tokenizer
+from mmpost.synthetic.tiny_llm import make_tiny_llm, make_tiny_tokenizer
 from mmpost.training.accel import make_accelerator
 from mmpost.training.metrics import read_metrics
-from mmpost.training.rollout import completion_mask
-from mmpost.training.teacher import Teacher, TeacherPipeline, TokenizerMismatch, check_tokenizers, reads_alike
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,14 +120,15 @@ def samples(synth_dir):
     return read_source(DataSourceConfig(path=str(synth_dir / "sft.json"), image_root=str(synth_dir / "images")), "t")
 
 
-def make_batch(model: mmpost.LMM, items: list) -> dict:
-    """A collated training batch of ``items`` for ``model`` through the real data pipeline."""
-    process, collate = make_pipeline(model, max_length=128, mode="train")
-    return collate([process(s) for s in items])
+def make_batch(model: mmpost.LMM, items: list) -> DistillBatch:
+    """A collated training batch of ``items`` for ``model`` through the real data pipeline, as the distill stage
+    makes it for a teacher that reads the student's batches (``teacher`` None)."""
+    pipeline = TeacherPipeline(ConversationPipeline.for_model(model, 128), None)
+    return pipeline.collate([pipeline.process(s) for s in items])
 
 
-def answer_tokens(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
+def answer_tokens(batch: ConversationBatch) -> int:
+    return int((batch.labels[:, 1:] != IGNORE).sum())
 
 
 # ----------------------------------------------------------------------------- learning
@@ -134,8 +140,9 @@ LEARN = {"lr": 5e-3, "schedule": "constant", "max_steps": 40}
 def test_a_smaller_student_learns_the_teachers_distributions(distill_config, work, synth_dir, caplog):
     caplog.set_level("INFO", logger="mmpost")
     held_out = {"path": str(synth_dir / "heldout.jsonl"), "image_root": str(synth_dir / "images")}
-    cfg = distill_config("learn", train=LEARN, data={"eval": held_out},
-                         eval={"max_samples": 8, "batch_size": 8, "max_new_tokens": 3})  # fmt: skip
+    cfg = distill_config(
+        "learn", train=LEARN, data={"eval": held_out}, eval={"max_samples": 8, "batch_size": 8, "max_new_tokens": 3}
+    )
     assert main(["train", str(cfg)]) == 0
     lines = train_lines(work / "learn")
     assert [r["step"] for r in lines] == list(range(1, 41))
@@ -162,38 +169,36 @@ def test_a_student_with_other_media_tokens_learns_from_the_teachers_own_batches(
     assert "not the student's batches" in caplog.text
 
 
-def test_the_teacher_reads_its_own_batch_and_answers_for_every_student_token(teacher_run, small_llm, clip_dir,
-                                                                             samples):  # fmt: skip
+def test_the_teacher_reads_its_own_batch_and_answers_for_every_student_token(teacher_run, small_llm, clip_dir, samples):
     model = student(small_llm, clip_dir, RESAMPLER)
     teacher = Teacher(load_lmm(teacher_run / "final"), model, torch.device("cpu"))
     assert not reads_alike(teacher.model, model) and not teacher.shares_batches
-    pipeline = teacher.pipeline(model, 128, "train")
+    pipeline = teacher.pipeline(model, 128)
     assert isinstance(pipeline, TeacherPipeline)
     batch = pipeline.collate([pipeline.process(s) for s in samples[:4]])
-    theirs = batch["teacher"]
+    theirs = batch.teacher
     # the teacher's sequences hold more media tokens, the answers are the same tokens
-    assert theirs["input_ids"].shape[1] > batch["input_ids"].shape[1]
+    assert theirs.input_ids.shape[1] > batch.input_ids.shape[1]
     assert answer_tokens(theirs) == answer_tokens(batch)
-    assert torch.equal(theirs["labels"][theirs["labels"] != IGNORE], batch["labels"][batch["labels"] != IGNORE])
+    assert torch.equal(theirs.labels[theirs.labels != IGNORE], batch.labels[batch.labels != IGNORE])
     logits = teacher.logits(batch, answer_tokens(batch))
     assert logits.shape == (answer_tokens(batch), len(model.tokenizer))
     # the same rows as the teacher computes on a batch made for it alone
     alone = make_batch(teacher.model, samples[:4])
     with torch.no_grad():
-        own = teacher.model(alone["input_ids"], alone["attention_mask"], alone["media"], alone["labels"],
-                            label_logits=True)  # fmt: skip
+        own = teacher.model(alone.input_ids, alone.attention_mask, alone.media, alone.labels).logits
     torch.testing.assert_close(logits, own[:, : len(model.tokenizer)].float(), atol=1e-5, rtol=1e-5)
     # and reading the student's batch instead would not give one row per answer token
-    teacher.shares_batches = True
     with pytest.raises(ValueError, match="image"):
-        teacher.logits(batch, answer_tokens(batch))
+        teacher.logits(dataclasses.replace(batch, teacher=None), answer_tokens(batch))
 
 
 # ----------------------------------------------------------------------------- tokenizers
 
 
-def test_another_tokenizer_is_refused_naming_both_vocab_sizes(distill_config, tmp_path_factory, teacher_run, clip_dir,
-                                                              capsys):  # fmt: skip
+def test_another_tokenizer_is_refused_naming_both_vocab_sizes(
+    distill_config, tmp_path_factory, teacher_run, clip_dir, capsys
+):
     out = tmp_path_factory.mktemp("other_llm")
     tokenizer = make_tiny_tokenizer(out, texts=["zebra giraffe elephant lion tiger monkey"] * 20, vocab_size=400)
     other = make_tiny_llm(out, tokenizer, hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64)
@@ -245,18 +250,20 @@ def test_reads_alike_asks_for_the_same_encoder_and_media_token_counts(llm_dir, c
 # ----------------------------------------------------------------------------- the loss
 
 
-def test_alpha_one_is_sft_and_a_student_equal_to_its_teacher_has_no_divergence(teacher_run, small_llm, clip_dir,
-                                                                               samples):  # fmt: skip
+def test_alpha_one_is_sft_and_a_student_equal_to_its_teacher_has_no_divergence(
+    teacher_run, small_llm, clip_dir, samples
+):
     model = student(small_llm, clip_dir).eval()
     teacher = Teacher(load_lmm(teacher_run / "final"), model, torch.device("cpu"))
     batch = make_batch(model, samples[:6])
     n = answer_tokens(batch)
     out = DistillLoss(teacher, None, OPTIONS, alpha=1.0)(model, batch)
-    sft = model(batch["input_ids"], batch["attention_mask"], batch["media"], batch["labels"])
-    assert out.num_tokens == sft.num_tokens == n
+    sft = model(batch.input_ids, batch.attention_mask, batch.media, batch.labels)
+    sft_sum = cross_entropy_sum(sft.logits, sft.targets)
+    assert out.units == sft.targets.numel() == n
     # per answer token (the sums of ~70 float32 terms differ in their last bits)
-    assert out.loss_sum.item() / n == pytest.approx(sft.loss_sum.item() / n, abs=1e-5)
-    assert out.stats["distill/ce"].item() / n == pytest.approx(sft.loss_sum.item() / n, abs=1e-5)
+    assert out.loss_sum.item() / n == pytest.approx(sft_sum.item() / n, abs=1e-5)
+    assert out.stats["distill/ce"].item() / n == pytest.approx(sft_sum.item() / n, abs=1e-5)
     assert out.stats["distill/divergence"].item() > 0.1 * n  # a different model: far from the teacher
 
     # pure distillation from a copy of the student itself
@@ -277,18 +284,19 @@ def test_a_top_k_table_refuses_two_samples_with_one_id(config, teacher_run, smal
     twin = copy.copy(samples[2])
     twin.id = samples[1].id  # another image and answer under the same id: its scores would replace the first's
     with pytest.raises(DataError, match=samples[1].id):
-        precompute_top_k(ctx, model, teacher, [samples[0], samples[1], twin], None, 8)
+        precompute_top_k(ctx, teacher, [samples[0], samples[1], twin], teacher.pipeline(model, cfg.data.max_length), 8)
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
-def test_a_full_vocabulary_top_k_table_gives_the_live_teachers_loss(config, teacher_run, small_llm, clip_dir, samples,
-                                                                    divergence):  # fmt: skip
+def test_a_full_vocabulary_top_k_table_gives_the_live_teachers_loss(
+    config, teacher_run, small_llm, clip_dir, samples, divergence
+):
     model = student(small_llm, clip_dir).eval()
     teacher = Teacher(load_lmm(teacher_run / "final"), model, torch.device("cpu"))
     cfg = load_config(config("top_k_unit"))
     ctx = SimpleNamespace(cfg=cfg, accelerator=make_accelerator(cfg.train))
     vocab = len(model.tokenizer)
-    table = precompute_top_k(ctx, model, teacher, samples[:16], None, vocab)
+    table = precompute_top_k(ctx, teacher, samples[:16], teacher.pipeline(model, cfg.data.max_length), vocab)
     assert sorted(table) == sorted(s.id for s in samples[:16])
     options = {**OPTIONS, "divergence": divergence, "temperature": 2.0}
     batch = make_batch(model, [samples[i] for i in (5, 0, 11, 3)])  # another order and grouping than the table's
@@ -317,19 +325,28 @@ def test_last_answer_prompts_cut_each_row_before_its_last_answer_and_pad_left():
     input_ids = torch.tensor([[11, 12, 13, 14, 15, 16, 17, 18, 19], [21, 22, 23, 24, 25, 0, 0, 0, 0]])
     X = IGNORE
     labels = torch.tensor([[X, X, 13, 14, X, X, 17, 18, X], [X, X, X, 24, 25, X, X, X, X]])
-    ids, mask = last_answer_prompts({"input_ids": input_ids, "labels": labels}, pad)
+    batch = ConversationBatch(
+        ids=["a", "b"],
+        input_ids=input_ids,
+        attention_mask=(input_ids != pad).long(),
+        media={},
+        drawn=2,
+        skipped=[],
+        labels=labels,
+    )
+    ids, mask = last_answer_prompts(batch, pad)
     # row 0: two answers, the prompt is everything before the second; row 1: one answer
     assert ids.tolist() == [[11, 12, 13, 14, 15, 16], [0, 0, 0, 21, 22, 23]]
     assert mask.tolist() == [[1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]]
 
 
-def test_continued_labels_the_completion_through_its_first_eos():
+def test_prompt_then_completion_labels_the_completion_through_its_first_eos():
     pad, eos = 0, 9
     prompt_ids = torch.tensor([[0, 5, 6], [7, 8, 6]])
     prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
     completions = torch.tensor([[31, eos, 33, eos], [41, 42, 43, 44]])
     done = completion_mask(completions, {eos})
-    out = continued(prompt_ids, prompt_mask, completions, done, pad)
+    out = prompt_then_completion(prompt_ids, prompt_mask, completions, done, pad)
     X = IGNORE
     assert out["input_ids"].tolist() == [[0, 5, 6, 31, eos, pad, pad], [7, 8, 6, 41, 42, 43, 44]]
     assert out["attention_mask"].tolist() == [[0, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]]
@@ -339,40 +356,40 @@ def test_continued_labels_the_completion_through_its_first_eos():
 def test_on_policy_batches_hold_the_students_samples_for_both_models(teacher_run, small_llm, clip_dir, samples):
     model = student(small_llm, clip_dir, RESAMPLER)
     teacher = Teacher(load_lmm(teacher_run / "final"), model, torch.device("cpu"))
-    pipeline = teacher.pipeline(model, 128, "train")
+    pipeline = teacher.pipeline(model, 128)
     batch = pipeline.collate([pipeline.process(s) for s in samples[:6]])  # multi-turn and single-turn samples
     ctx = SimpleNamespace(cfg=SimpleNamespace(seed=0), accelerator=SimpleNamespace(process_index=0))
-    assert OnPolicy(ctx, teacher, 0.0, 4, 1.0)(model, batch) is batch
+    assert StudentAnswers(ctx, model, teacher, 0.0, 4, 1.0)(batch) is batch
     torch.manual_seed(0)
-    out = OnPolicy(ctx, teacher, 1.0, 4, 1.0)(model, batch)
+    out = StudentAnswers(ctx, model, teacher, 1.0, 4, 1.0)(batch)
     assert model.training  # back in train mode after sampling
     pad = model.tokenizer.pad_token_id
-    for mine, ours in ((out, batch), (out["teacher"], batch["teacher"])):
+    for mine, ours in ((out, batch), (out.teacher, batch.teacher)):
         prompt_ids, prompt_mask = last_answer_prompts(ours, pad)
         width = prompt_ids.shape[1]
-        assert torch.equal(mine["input_ids"][:, :width], prompt_ids)
-        assert torch.equal(mine["attention_mask"][:, :width], prompt_mask)
-        assert (mine["labels"][:, :width] == IGNORE).all()
-        answers = mine["labels"][:, width:]
+        assert torch.equal(mine.input_ids[:, :width], prompt_ids)
+        assert torch.equal(mine.attention_mask[:, :width], prompt_mask)
+        assert (mine.labels[:, :width] == IGNORE).all()
+        answers = mine.labels[:, width:]
         assert answers.shape[1] <= 4 and ((answers != IGNORE).sum(-1) >= 1).all()
-        labelled = mine["labels"] != IGNORE
-        assert torch.equal(mine["input_ids"][labelled], mine["labels"][labelled])
-        assert torch.equal(mine["attention_mask"].bool()[:, width:], answers != IGNORE)
+        labelled = mine.labels != IGNORE
+        assert torch.equal(mine.input_ids[labelled], mine.labels[labelled])
+        assert torch.equal(mine.attention_mask.bool()[:, width:], answers != IGNORE)
     # both models score the same sampled answer tokens, one teacher row per student token
-    theirs = out["teacher"]["labels"]
-    assert torch.equal(out["labels"][out["labels"] != IGNORE], theirs[theirs != IGNORE])
+    theirs = out.teacher.labels
+    assert torch.equal(out.labels[out.labels != IGNORE], theirs[theirs != IGNORE])
     n = answer_tokens(out)
     assert 6 <= n <= 6 * 4 and teacher.logits(out, n).shape[0] == n
     loss = DistillLoss(teacher, None, OPTIONS, alpha=0.0)(model, out)
-    assert loss.num_tokens == n and loss.loss_sum.item() > 0
+    assert loss.units == n and loss.loss_sum.item() > 0
 
     # sampled at a very low temperature the answers are the student's greedy ones: it predicts each of them
-    cold = OnPolicy(ctx, teacher, 1.0, 4, 1e-4)(model, batch)
+    cold = StudentAnswers(ctx, model, teacher, 1.0, 4, 1e-4)(batch)
     model.eval()
     with torch.no_grad():
-        logits = model(cold["input_ids"], cold["attention_mask"], cold["media"], cold["labels"], label_logits=True)
+        logits = model(cold.input_ids, cold.attention_mask, cold.media, cold.labels).logits
     logits[:, list(model.placeholder_ids.values())] = float("-inf")  # never sampled
-    labels = cold["labels"][:, 1:]
+    labels = cold.labels[:, 1:]
     assert torch.equal(logits.argmax(-1), labels[labels != IGNORE])
 
 
@@ -407,11 +424,11 @@ def test_an_on_policy_run_trains_on_the_students_samples(distill_config, work, c
 )
 def test_bad_options_are_refused_naming_the_key(options, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        Distill(**{"teacher": "runs/teacher", **options})
+        Distill(DistillOptions(**{"teacher": "runs/teacher", **options}))
 
 
 def test_a_bad_option_in_a_config_fails_before_any_model_loads(distill_config, monkeypatch, capsys):
-    monkeypatch.setattr("mmpost.stages.distill.build_model", lambda ctx: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("mmpost.stages.distill.stage.build_model", lambda ctx: pytest.fail("a model was loaded"))
     assert main(["train", str(distill_config("bad_option", stage={"divergence": "kl"}))]) == 2
     assert "stage.divergence" in capsys.readouterr().err
 
@@ -447,8 +464,20 @@ def test_distill_data_writes_the_teachers_greedy_answers_as_sft_data(teacher_run
 
 def test_the_distill_data_command(teacher_run, synth_dir, work, capsys):
     out = work / "cli" / "answers.jsonl"
-    argv = ["distill-data", str(teacher_run), "--data", str(synth_dir / "sft.json"), "--image-root",
-            str(synth_dir / "images"), "--out", str(out), "--max-new-tokens", "1", "--max-samples", "5"]  # fmt: skip
+    argv = [
+        "distill-data",
+        str(teacher_run),
+        "--data",
+        str(synth_dir / "sft.json"),
+        "--image-root",
+        str(synth_dir / "images"),
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "1",
+        "--max-samples",
+        "5",
+    ]
     assert main(argv) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert 0 < len(records) <= 5

@@ -31,10 +31,23 @@ def test_two_processes_match_one_with_the_same_global_batch(run_config, tmp_path
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "mmpost", "train", str(one)], check=True, env=env, capture_output=True)
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-         "-m", "mmpost", "train", str(two)],
-        env=env, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            "-m",
+            "mmpost",
+            "train",
+            str(two),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     single = [r["loss"] for r in read_metrics(tmp_path / "one") if "loss" in r]
     double = [r["loss"] for r in read_metrics(tmp_path / "two") if "loss" in r]
@@ -57,33 +70,54 @@ def test_two_processes_train_two_modalities_when_a_batch_lacks_one(make_model, r
 
     import yaml
 
-    from mmpost.data.synth import synthesize
-    from mmpost.tiny.audio import make_tiny_whisper
+    from mmpost.synthetic.tiny_audio import make_tiny_whisper
+    from mmpost.synthetic.write import synthesize
 
     media = tmp_path / "media"
     synthesize(media, num_train=8, num_heldout=0, shard_size=8, modalities=("image", "audio"), progress=False)
     images = [
-        {"messages": [{"role": "user", "content": r["conversations"][0]["value"]},
-                      {"role": "assistant", "content": r["conversations"][1]["value"]}],
-         "images": [f"images/{r['image']}"]}
+        {
+            "messages": [
+                {"role": "user", "content": r["conversations"][0]["value"]},
+                {"role": "assistant", "content": r["conversations"][1]["value"]},
+            ],
+            "images": [f"images/{r['image']}"],
+        }
         for r in json.loads((media / "align.json").read_text())
-    ]  # fmt: skip
+    ]
     audios = json.loads((media / "audio_align.json").read_text())
     (media / "both.json").write_text(json.dumps([x for pair in zip(images, audios, strict=True) for x in pair]))
     model = make_model("mlp")
     whisper = make_tiny_whisper(tmp_path / "whisper", d_model=32, layers=1, heads=4, max_source_positions=50)
     model.add_modality("audio", mmpost.encoder("whisper", path=str(whisper)), mmpost.connector("mlp"))
     model.save(tmp_path / "base")
-    cfg = run_config("two-media", data={"train": {"path": str(media / "both.json")}, "eval": None, "max_length": 384},
-                     train={"max_steps": 4, "batch_size": 1, "log_every": 1})  # fmt: skip
+    cfg = run_config(
+        "two-media",
+        data={"train": {"path": str(media / "both.json")}, "eval": None, "max_length": 384},
+        train={"max_steps": 4, "batch_size": 1, "log_every": 1},
+    )
     data = yaml.safe_load(cfg.read_text())
     data["from"], data["model"] = str(tmp_path / "base"), {}
     cfg.write_text(yaml.safe_dump(data))
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
-         "-m", "mmpost", "train", str(cfg)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29534",
+            "-m",
+            "mmpost",
+            "train",
+            str(cfg),
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     records = [r for r in read_metrics(tmp_path / "two-media") if "loss" in r]
     assert len(records) == 4 and records[-1]["data/skipped"] == 0

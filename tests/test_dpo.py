@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import mmpost
-import mmpost.train
+import mmpost.training.loop
 from mmpost.cli import main
 from mmpost.training.metrics import read_metrics
 
@@ -42,8 +42,14 @@ def test_dpo_learns_the_preference_and_starts_at_log_2(dpo_config, tmp_path):
     lines = train_lines(tmp_path / "dpo")
     assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at the first step
     assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-4)
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
-                "logps/rejected"):  # fmt: skip
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margin",
+        "rewards/accuracy",
+        "logps/chosen",
+        "logps/rejected",
+    ):
         assert key in lines[0]
     assert sum(r["loss"] for r in lines[-8:]) / 8 < 0.7 * lines[0]["loss"]
     before = json.loads((tmp_path / "dpo" / "summary.json").read_text())["eval_before"]
@@ -87,7 +93,7 @@ def test_dpo_resume_continues_the_same_loss_curve(dpo_config, tmp_path, monkeypa
     model = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}} if lora else {}
     train = {"max_steps": 10, "save_every": 4}
     assert main(["train", str(dpo_config("straight", train=train, model=model))]) == 0
-    original = mmpost.train.save_checkpoint
+    original = mmpost.training.loop.save_checkpoint
 
     def crash_after_step_8(*args, **kwargs):
         path = original(*args, **kwargs)
@@ -96,10 +102,10 @@ def test_dpo_resume_continues_the_same_loss_curve(dpo_config, tmp_path, monkeypa
         return path
 
     cfg = dpo_config("interrupted", train=train, model=model)
-    monkeypatch.setattr(mmpost.train, "save_checkpoint", crash_after_step_8)
+    monkeypatch.setattr(mmpost.training.loop, "save_checkpoint", crash_after_step_8)
     with pytest.raises(KeyboardInterrupt):
         main(["train", str(cfg)])
-    monkeypatch.setattr(mmpost.train, "save_checkpoint", original)
+    monkeypatch.setattr(mmpost.training.loop, "save_checkpoint", original)
     assert main(["train", str(cfg), "--resume"]) == 0
     straight = [(r["step"], round(r["loss"], 6)) for r in train_lines(tmp_path / "straight")]
     resumed = [(r["step"], round(r["loss"], 6)) for r in train_lines(tmp_path / "interrupted")]
@@ -125,7 +131,7 @@ def test_a_pair_without_rejected_fails_before_loading_a_model(dpo_config, tmp_pa
     (tmp_path / "pairs.json").write_text(json.dumps(records))
     data = {"train": {"path": str(tmp_path / "pairs.json"), "image_root": str(synth_dir / "images")}}
     cfg = dpo_config(data=data)
-    monkeypatch.setattr("mmpost.stages.dpo.build_model", lambda ctx: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("mmpost.stages.dpo.stage.build_model", lambda ctx: pytest.fail("a model was loaded"))
     assert main(["train", str(cfg)]) != 0
     err = capsys.readouterr().err
     assert "pair-000005" in err and "'rejected'" in err

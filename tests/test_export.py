@@ -54,7 +54,7 @@ def test_hf_export_matches_mmpost_logits_and_greedy_tokens(
     image = Image.open(image_path).convert("RGB")
     logits, tokens, inputs = transformers_logits(out, model, image, "What shape is it?")
     with torch.no_grad():
-        ours = model(inputs["input_ids"], inputs["attention_mask"], {"image": inputs["pixel_values"]})
+        ours = model(inputs["input_ids"], inputs["attention_mask"], {"image": inputs["pixel_values"]}).dense()
         our_tokens = model.generate(
             inputs["input_ids"], inputs["attention_mask"], {"image": inputs["pixel_values"]}, max_new_tokens=6
         )[0]
@@ -92,7 +92,7 @@ def test_hf_export_processor_takes_typed_content_as_string_content(make_model, t
     probe = probes(model, count=2)[1]  # mmpost's own tokenisation of the same prompt and an image
     assert probe.prompt == prompt
     inputs = processor(images=[probe.image], text=[text], return_tensors="pt")
-    assert torch.equal(inputs["input_ids"], probe.batch["input_ids"])
+    assert torch.equal(inputs["input_ids"], probe.batch.input_ids)
 
 
 def test_export_refuses_a_non_empty_out_and_parts_llava_cannot_hold(make_model, tmp_path):

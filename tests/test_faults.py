@@ -41,14 +41,21 @@ def last_step(run: Path) -> int:
 
 
 def mmpost(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mmpost", *args], env=ENV, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "mmpost", *args], env=ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def start(*args: str) -> subprocess.Popen:
     """A training process in its own process group, as a shell starts a foreground job."""
-    return subprocess.Popen([sys.executable, "-m", "mmpost", *args], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "mmpost", *args],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120, every: float = 0.01) -> None:
@@ -68,8 +75,15 @@ def runs(tmp_path_factory, synth_dir, llm_dir, clip_dir):
     folder = tmp_path_factory.mktemp("faults")
 
     def config(name: str, **train) -> Path:
-        return write_run_config(folder, synth_dir, llm_dir, clip_dir, name, data={"eval": None, "num_workers": 1},
-                                train={"max_steps": STEPS, "warmup_ratio": 0.1, **train})  # fmt: skip
+        return write_run_config(
+            folder,
+            synth_dir,
+            llm_dir,
+            clip_dir,
+            name,
+            data={"eval": None, "num_workers": 1},
+            train={"max_steps": STEPS, "warmup_ratio": 0.1, **train},
+        )
 
     straight = config("straight")
     result = mmpost("train", str(straight))
@@ -177,8 +191,9 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_earlier_ones(run_config, small_disk, tmp_path, capsys):
-    cfg = run_config("full", out=str(small_disk / "run"), train={"max_steps": 40, "save_every": 2,
-                                                                 "keep_checkpoints": 0})  # fmt: skip
+    cfg = run_config(
+        "full", out=str(small_disk / "run"), train={"max_steps": 40, "save_every": 2, "keep_checkpoints": 0}
+    )
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "no space left on device for checkpoint step-" in err and "it needs ~" in err
@@ -192,9 +207,24 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_earlier_ones(run_
 
 
 def torchrun(*args: str, port: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(port), "-m", "mmpost", *args], env={**ENV, "ACCELERATE_USE_CPU": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            "-m",
+            "mmpost",
+            *args,
+        ],
+        env={**ENV, "ACCELERATE_USE_CPU": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_two_processes_with_dropped_micro_batches_finish_survive_sigterm_and_match_one(
@@ -207,13 +237,14 @@ def test_two_processes_with_dropped_micro_batches_finish_survive_sigterm_and_mat
         if i % 2:
             record["image"] = str(tmp_path / "broken.png")
     (tmp_path / "half.json").write_text(json.dumps(records))
-    data = {"train": {"path": str(tmp_path / "half.json"), "image_root": str(synth_dir / "images")}, "eval": None,
-            "max_bad_fraction": 0.9}  # fmt: skip
+    data = {
+        "train": {"path": str(tmp_path / "half.json"), "image_root": str(synth_dir / "images")},
+        "eval": None,
+        "max_bad_fraction": 0.9,
+    }
     common = {"max_steps": 12, "log_every": 1, "warmup_ratio": 0.0}
-    one = write_run_config(tmp_path, synth_dir, llm_dir, clip_dir, "one", data=data,
-                           train={**common, "batch_size": 2})  # fmt: skip
-    two = write_run_config(tmp_path, synth_dir, llm_dir, clip_dir, "two", data=data,
-                           train={**common, "batch_size": 1})  # fmt: skip
+    one = write_run_config(tmp_path, synth_dir, llm_dir, clip_dir, "one", data=data, train={**common, "batch_size": 2})
+    two = write_run_config(tmp_path, synth_dir, llm_dir, clip_dir, "two", data=data, train={**common, "batch_size": 1})
     single = mmpost("train", str(one))
     assert single.returncode == 0, single.stderr[-3000:]
     proc = torchrun("train", str(two), port=29541)

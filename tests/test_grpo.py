@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import mmpost
-import mmpost.train
+import mmpost.training.loop
 from mmpost.cli import main
 from mmpost.training.metrics import read_metrics
 
@@ -51,8 +51,16 @@ def test_grpo_runs_and_logs_its_metrics(grpo_config, tmp_path, stage, model):
     assert main(["train", str(grpo_config(stage=stage, model=model))]) == 0
     lines = train_lines(tmp_path / "grpo")
     assert [r["step"] for r in lines] == [1, 2, 3]
-    for key in ("reward/mean", "reward/std", "accuracy", "completion_length", "kl", "clip_fraction",
-                "zero_variance_groups", "time/sampling_share"):  # fmt: skip
+    for key in (
+        "reward/mean",
+        "reward/std",
+        "accuracy",
+        "completion_length",
+        "kl",
+        "clip_fraction",
+        "zero_variance_groups",
+        "time/sampling_share",
+    ):
         assert key in lines[0], key
     assert 0 < lines[0]["completion_length"] <= 4
     if stage.get("beta"):
@@ -94,17 +102,17 @@ def test_grpo_resume_continues_the_same_run(grpo_config, tmp_path, monkeypatch, 
     stage = {"beta": 0.05}
     model = LORA if lora else {}
     assert main(["train", str(grpo_config("straight", stage=stage, train=train, model=model))]) == 0
-    original = mmpost.train.save_checkpoint
+    original = mmpost.training.loop.save_checkpoint
 
     def crash_after_step_3(*args, **kwargs):
         original(*args, **kwargs)
         raise KeyboardInterrupt("simulated crash")
 
     cfg = grpo_config("interrupted", stage=stage, train=train, model=model)
-    monkeypatch.setattr(mmpost.train, "save_checkpoint", crash_after_step_3)
+    monkeypatch.setattr(mmpost.training.loop, "save_checkpoint", crash_after_step_3)
     with pytest.raises(KeyboardInterrupt):
         main(["train", str(cfg)])
-    monkeypatch.setattr(mmpost.train, "save_checkpoint", original)
+    monkeypatch.setattr(mmpost.training.loop, "save_checkpoint", original)
     assert main(["train", str(cfg), "--resume"]) == 0
     keys = ("step", "loss", "reward/mean", "completion_length", "kl")
     straight = [tuple(round(r[k], 6) for k in keys) for r in train_lines(tmp_path / "straight")]
@@ -121,7 +129,7 @@ def test_grpo_resume_continues_the_same_run(grpo_config, tmp_path, monkeypatch, 
 )
 def test_a_reward_that_cannot_be_found_fails_before_any_model_loads(grpo_config, monkeypatch, capsys, reward, message):
     cfg = grpo_config(stage={"rewards": [{"name": reward}]})
-    monkeypatch.setattr("mmpost.stages.grpo.build_model", lambda ctx: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("mmpost.stages.grpo.stage.build_model", lambda ctx: pytest.fail("a model was loaded"))
     assert main(["train", str(cfg)]) == 2
     assert message.lower() in capsys.readouterr().err.lower()
 
@@ -139,6 +147,6 @@ def test_prompts_without_answers_fail_before_any_model_loads(grpo_config, tmp_pa
     del records[2]["answer"]
     (tmp_path / "count.json").write_text(json.dumps(records))
     data = {"train": {"path": str(tmp_path / "count.json"), "image_root": str(synth_dir / "images")}}
-    monkeypatch.setattr("mmpost.stages.grpo.build_model", lambda ctx: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("mmpost.stages.grpo.stage.build_model", lambda ctx: pytest.fail("a model was loaded"))
     assert main(["train", str(grpo_config(data=data))]) == 2
     assert "count-000002" in capsys.readouterr().err

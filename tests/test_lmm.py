@@ -10,6 +10,8 @@ from helpers import make_batch
 import mmpost
 from mmpost.config.schema import LoraConfig
 from mmpost.data.sources import read_records
+from mmpost.interfaces import IGNORE
+from mmpost.losses.ce import cross_entropy_sum
 
 
 @pytest.fixture(scope="module")
@@ -25,36 +27,37 @@ def questions(synth_dir):
 def test_loss_equals_transformers_loss_on_full_logits(make_model, samples):
     model = make_model().eval()
     batch = make_batch(model, samples)
-    out = model(batch["input_ids"], batch["attention_mask"], batch["media"], labels=batch["labels"])
-    n_labels = int((batch["labels"][:, 1:] != -100).sum())
-    assert out.num_tokens == n_labels  # logits were computed at label positions only
-    embeds, _ = model.embed(batch["input_ids"], batch["media"])
-    hf = model.base_llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
-    torch.testing.assert_close(out.loss_sum / n_labels, hf.loss, rtol=1e-5, atol=1e-6)
+    out = model(batch.input_ids, batch.attention_mask, batch.media, labels=batch.labels)
+    n_labels = int((batch.labels[:, 1:] != IGNORE).sum())
+    assert out.targets.numel() == out.logits.shape[0] == n_labels  # logits were computed at label positions only
+    loss_sum = cross_entropy_sum(out.logits, out.targets)
+    embeds, _ = model.embed(batch.input_ids, batch.media)
+    hf = model.base_llm(inputs_embeds=embeds, attention_mask=batch.attention_mask, labels=batch.labels)
+    torch.testing.assert_close(loss_sum / n_labels, hf.loss, rtol=1e-5, atol=1e-6)
     # and by hand from the full [B, T, V] logits
-    logits = model(batch["input_ids"], batch["attention_mask"], batch["media"])
-    manual = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
-    torch.testing.assert_close(out.loss_sum, manual, rtol=1e-5, atol=1e-5)
+    logits = model(batch.input_ids, batch.attention_mask, batch.media).dense()
+    manual = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten(), reduction="sum")
+    torch.testing.assert_close(loss_sum, manual, rtol=1e-5, atol=1e-5)
 
 
 def test_placeholder_mismatch_in_batch_is_an_error(make_model, samples):
     model = make_model().eval()
     batch = make_batch(model, samples[:1])
     with pytest.raises(ValueError, match="placeholder tokens in the batch"):
-        model.embed(batch["input_ids"], {"image": batch["media"]["image"].repeat(2, 1, 1, 1)})
+        model.embed(batch.input_ids, {"image": batch.media["image"].repeat(2, 1, 1, 1)})
 
 
 def test_generate_with_kv_cache_equals_without_and_batching_is_exact(make_model, questions):
     torch.manual_seed(0)
     model = make_model().eval()
-    batch = make_batch(model, questions, mode="generate")
-    args = (batch["input_ids"], batch["attention_mask"], batch["media"])
+    batch = make_batch(model, questions, kind="reference")
+    args = (batch.input_ids, batch.attention_mask, batch.media)
     cached = model.generate(*args, max_new_tokens=6)
     uncached = model.generate(*args, max_new_tokens=6, use_cache=False)
     assert torch.equal(cached, uncached)
     for i, sample in enumerate(questions):
-        one = make_batch(model, [sample], mode="generate")
-        single = model.generate(one["input_ids"], one["attention_mask"], one["media"], max_new_tokens=6)
+        one = make_batch(model, [sample], kind="reference")
+        single = model.generate(one.input_ids, one.attention_mask, one.media, max_new_tokens=6)
         n = single.shape[1]
         assert torch.equal(single[0], cached[i, :n])
 
@@ -62,10 +65,10 @@ def test_generate_with_kv_cache_equals_without_and_batching_is_exact(make_model,
 def test_save_load_gives_equal_logits(make_model, samples, tmp_path):
     model = make_model().eval()
     batch = make_batch(model, samples)
-    args = (batch["input_ids"], batch["attention_mask"], batch["media"])
+    args = (batch.input_ids, batch.attention_mask, batch.media)
     model.save(tmp_path / "m")
     loaded = mmpost.load(tmp_path / "m").eval()
-    assert torch.equal(model(*args), loaded(*args))
+    assert torch.equal(model(*args).dense(), loaded(*args).dense())
 
 
 def test_lora_save_load_and_merge(llm_dir, clip_dir, samples, tmp_path):
@@ -82,13 +85,13 @@ def test_lora_save_load_and_merge(llm_dir, clip_dir, samples, tmp_path):
                 p.normal_(0, 0.1)
     model.eval()
     batch = make_batch(model, samples)
-    args = (batch["input_ids"], batch["attention_mask"], batch["media"])
+    args = (batch.input_ids, batch.attention_mask, batch.media)
     model.save(tmp_path / "adapter")
     model.save(tmp_path / "merged", merge_lora=True)
     with_adapter, merged = mmpost.load(tmp_path / "adapter").eval(), mmpost.load(tmp_path / "merged").eval()
     assert with_adapter.has_lora and not merged.has_lora
-    assert torch.equal(model(*args), with_adapter(*args))
-    torch.testing.assert_close(model(*args), merged(*args), rtol=1e-4, atol=1e-5)
+    assert torch.equal(model(*args).dense(), with_adapter(*args).dense())
+    torch.testing.assert_close(model(*args).dense(), merged(*args).dense(), rtol=1e-4, atol=1e-5)
 
 
 def test_set_connector_keeps_the_llm_and_rebuilds_token_counts(make_model):

@@ -35,8 +35,11 @@ def train_with_missing_llm(config: Path, env: dict[str, str]) -> tuple[subproces
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "mmpost", "train", str(config), "--set", f"model.llm.path={MISSING}"],
-        env=env, capture_output=True, text=True, timeout=LIMIT_S,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=LIMIT_S,
+    )
     return done, time.perf_counter() - started
 
 
@@ -89,14 +92,14 @@ def test_cached_hub_id_loads_offline(offline_cache, llm_dir):
 
 
 def test_hf_vision_hub_id_fails_like_the_llm(offline_cache):
-    from encoders import ENCODERS
+    from mmpost.encoders import ENCODERS
 
     with pytest.raises(FileNotFoundError, match="someorg/missing-tower.*HF_HUB_OFFLINE"):
         ENCODERS.build("hf_vision", path="someorg/missing-tower")
 
 
 def test_cached_hf_vision_tower_loads_offline(offline_cache, clip_dir):
-    from encoders import ENCODERS
+    from mmpost.encoders import ENCODERS
 
     cache_snapshot(offline_cache, "someorg/tiny-clip", clip_dir)
     assert ENCODERS.build("hf_vision", path="someorg/tiny-clip").model_type == "clip"

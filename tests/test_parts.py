@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mmpost.config.schema import TrainConfig
-from mmpost.training.parts import PartError, apply_trainable, param_groups
+from mmpost.training.trainable import PartError, apply_trainable, param_groups
 
 
 def lr_of(groups, param):

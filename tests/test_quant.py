@@ -16,10 +16,10 @@ from mmpost.config.schema import DataSourceConfig, LoraConfig
 from mmpost.data.sources import read_records
 from mmpost.export import export, read_report
 from mmpost.generate import answer
+from mmpost.model.quantized import WeightScheme, selected_linears
 from mmpost.quant import QuantizeOptions, load_options, quantize
 from mmpost.quant.calibrate import calibration_batches
-from mmpost.quant.compressed import selected_linears
-from mmpost.quant.methods import WeightScheme, rtn
+from mmpost.quant.methods import rtn
 
 
 @pytest.fixture
@@ -65,8 +65,8 @@ def test_multimodal_calibration_feeds_media_tokens_to_every_quantized_layer(make
     model = spread(make_model("mlp"))
     batches = calibration_batches(model, calib, 16, 8, 1024)
     image_id = model.placeholder_ids["image"]
-    media_tokens = sum(int((b["input_ids"] == image_id).sum()) for b in batches)
-    assert media_tokens == 16 * model.media_tokens("image", tuple(batches[0]["media"]["image"].shape[1:]))
+    media_tokens = sum(int((b.input_ids == image_id).sum()) for b in batches)
+    assert media_tokens == 16 * model.media_tokens("image", tuple(batches[0].media["image"].shape[1:]))
     report = quantize(model, gptq_options(), calib)
     assert set(report.media_rows_by_layer) == set(model.quantization.layers)
     assert all(rows == media_tokens for rows in report.media_rows_by_layer.values())
@@ -190,7 +190,7 @@ def test_export_merges_lora_before_quantizing(llm_dir, clip_dir, tmp_path):
 
 
 def _merged_state(model: mmpost.LMM) -> dict[str, torch.Tensor]:
-    from mmpost.model.io import base_llm_state_dict
+    from mmpost.model.format import base_llm_state_dict
 
     return base_llm_state_dict(model, merge_lora=True)
 

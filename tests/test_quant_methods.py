@@ -10,7 +10,8 @@ from compressed_tensors.quantization import QuantizationScheme
 from compressed_tensors.quantization.lifecycle.forward import dequantize, fake_quantize, quantize
 from compressed_tensors.quantization.utils import calculate_qparams
 
-from mmpost.quant.methods import WeightScheme, check_group_size, gptq, reconstruction_error, rtn
+from mmpost.model.quantized import WeightScheme
+from mmpost.quant.methods import check_group_size, gptq, reconstruction_error, rtn
 
 SCHEMES = [WeightScheme(bits, sym, group) for bits in (4, 8) for sym in (True, False) for group in (32, None)]
 RANGES = {4: (-8, 7), 8: (-128, 127)}

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import mmpost
-import mmpost.train
 import mmpost.training.checkpoint as checkpoint_module
+import mmpost.training.loop
 from mmpost.cli import main
 from mmpost.training.checkpoint import step_checkpoints
 from mmpost.training.metrics import read_metrics
@@ -33,7 +33,7 @@ def stopped_run(run_config, monkeypatch):
 
     def stop(name: str, stop_at: int = 6, **train):
         cfg = run_config(name, train={"max_steps": 12, "save_every": 3, **train})
-        original = mmpost.train.save_checkpoint
+        original = mmpost.training.loop.save_checkpoint
 
         def crash(*args, **kwargs):
             path = original(*args, **kwargs)
@@ -41,10 +41,10 @@ def stopped_run(run_config, monkeypatch):
                 raise KeyboardInterrupt("simulated crash")
             return path
 
-        monkeypatch.setattr(mmpost.train, "save_checkpoint", crash)
+        monkeypatch.setattr(mmpost.training.loop, "save_checkpoint", crash)
         with pytest.raises(KeyboardInterrupt):
             main(["train", str(cfg)])
-        monkeypatch.setattr(mmpost.train, "save_checkpoint", original)
+        monkeypatch.setattr(mmpost.training.loop, "save_checkpoint", original)
         return cfg
 
     return stop
@@ -101,8 +101,10 @@ def test_a_damaged_trainer_state_is_named(stopped_run, tmp_path, capsys):
     assert f"{state} is damaged" in line and "step-3" in line  # the earlier checkpoint to fall back on
 
 
-@pytest.mark.parametrize("name, damage", [("mmpost.json", b"{not json"), ("parts.safetensors", b"\x00" * 64),
-                                          ("trainer.pt", b"PK\x03\x04 torn")])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, damage",
+    [("mmpost.json", b"{not json"), ("parts.safetensors", b"\x00" * 64), ("trainer.pt", b"PK\x03\x04 torn")],
+)
 def test_damaged_files_without_checksums_are_named(stopped_run, tmp_path, capsys, name, damage):
     cfg = stopped_run("unchecked")
     folder = tmp_path / "unchecked" / "checkpoints" / "step-6"
@@ -121,8 +123,13 @@ def test_from_a_damaged_model_directory_is_refused(run_config, tmp_path, synth_d
     data[-10:] = b"\x00" * 10
     weights.write_bytes(bytes(data))
     train = {"path": str(synth_dir / "sft.json"), "image_root": str(synth_dir / "images")}
-    sft = run_config("next", stage="sft", model={"llm": {}, "encoders": {}, "connectors": {}},
-                     **{"from": str(tmp_path / "base")}, data={"train": train})  # fmt: skip
+    sft = run_config(
+        "next",
+        stage="sft",
+        model={"llm": {}, "encoders": {}, "connectors": {}},
+        **{"from": str(tmp_path / "base")},
+        data={"train": train},
+    )
     assert main(["train", str(sft)]) == 2
     assert f"{weights} is damaged" in error_line(capsys)
 
@@ -181,8 +188,9 @@ def test_a_write_that_fails_for_lack_of_space_is_removed_and_explained(run_confi
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint_module.torch, "save", save)
-    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage",
-                        lambda p: Usage(1, 1, 0) if state["full"] else real_usage(p))  # fmt: skip
+    monkeypatch.setattr(
+        checkpoint_module.shutil, "disk_usage", lambda p: Usage(1, 1, 0) if state["full"] else real_usage(p)
+    )
     assert main(["train", str(cfg)]) == 2
     assert "no space left on device for checkpoint step-4" in error_line(capsys)
     assert [p.name for p in (tmp_path / "torn-write" / "checkpoints").iterdir()] == ["step-2"]
@@ -233,8 +241,9 @@ def finished(tmp_path_factory, synth_dir, llm_dir, clip_dir):
     return folder / "run"
 
 
-@pytest.mark.parametrize("model, out", [("run", "run"), ("run", "run/exported"), ("run/final", "run"),
-                                        ("run/final", "run/final")])  # fmt: skip
+@pytest.mark.parametrize(
+    "model, out", [("run", "run"), ("run", "run/exported"), ("run/final", "run"), ("run/final", "run/final")]
+)
 def test_an_export_never_overwrites_its_source(finished, capsys, model, out):
     before = sorted(p.relative_to(finished) for p in finished.rglob("*"))
     root = finished.parent
@@ -266,10 +275,19 @@ def test_a_run_launched_with_relative_paths_works_from_any_folder(tmp_path, synt
 
     project = tmp_path / "project"
     shutil.copytree(synth_dir, project / "data")
-    cfg = write_run_config(project, synth_dir, llm_dir, clip_dir, "sft", stage="sft",
-                           data={"train": {"path": "data/sft.json", "image_root": "data/images"},
-                                 "eval": {"path": "data/heldout.jsonl", "image_root": "data/images"}},
-                           train={"max_steps": 4, "save_every": 2})  # fmt: skip
+    cfg = write_run_config(
+        project,
+        synth_dir,
+        llm_dir,
+        clip_dir,
+        "sft",
+        stage="sft",
+        data={
+            "train": {"path": "data/sft.json", "image_root": "data/images"},
+            "eval": {"path": "data/heldout.jsonl", "image_root": "data/images"},
+        },
+        train={"max_steps": 4, "save_every": 2},
+    )
     raw = yaml.safe_load(cfg.read_text())
     raw["out"] = "runs/sft"
     cfg.write_text(yaml.safe_dump(raw))
@@ -284,10 +302,19 @@ def test_a_run_launched_with_relative_paths_works_from_any_folder(tmp_path, synt
     # calibration reads the run's own training data
     assert main(["export", str(run), "--format", "mmpost", "--quantize", "w4a16-gptq", "--out", "quantized"]) == 0
     assert main(["train", str(run / "config.yaml"), "--resume"]) == 0  # --resume through the run's config
-    teacher = write_run_config(elsewhere, synth_dir, llm_dir, clip_dir, "distill",
-                               stage={"name": "distill", "teacher": str(run)},
-                               data={"train": {"path": str(project / "data" / "sft.json"),
-                                               "image_root": str(project / "data" / "images")}, "eval": None},
-                               train={"max_steps": 1}, model={"llm": {}, "encoders": {}, "connectors": {}},
-                               **{"from": str(run)})  # fmt: skip
+    teacher = write_run_config(
+        elsewhere,
+        synth_dir,
+        llm_dir,
+        clip_dir,
+        "distill",
+        stage={"name": "distill", "teacher": str(run)},
+        data={
+            "train": {"path": str(project / "data" / "sft.json"), "image_root": str(project / "data" / "images")},
+            "eval": None,
+        },
+        train={"max_steps": 1},
+        model={"llm": {}, "encoders": {}, "connectors": {}},
+        **{"from": str(run)},
+    )
     assert main(["train", str(teacher)]) == 0

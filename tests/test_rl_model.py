@@ -9,7 +9,9 @@ import torch
 from helpers import make_batch
 from test_connectors import KINDS, build
 
+from mmpost.data.batches import PairBatch
 from mmpost.data.sources import read_records
+from mmpost.losses.ce import label_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +27,8 @@ def repeat_media(media, r):
 def test_shared_prefill_samples_the_tokens_of_g_fold_prefill(make_model, questions, kind):
     model = build(make_model, kind)
     model.base_llm.generation_config.eos_token_id = None  # run every step
-    batch = make_batch(model, questions, mode="generate")
-    args = (batch["input_ids"], batch["attention_mask"], batch["media"])
+    batch = make_batch(model, questions, kind="reference")
+    args = (batch.input_ids, batch.attention_mask, batch.media)
     shared = model.generate(*args, max_new_tokens=6, num_samples=4, share_prefill=True)
     naive = model.generate(*args, max_new_tokens=6, num_samples=4, share_prefill=False)
     single = model.generate(*args, max_new_tokens=6)
@@ -45,10 +47,10 @@ def test_shared_prefill_samples_the_tokens_of_g_fold_prefill(make_model, questio
 def test_media_shared_by_a_group_of_rows_equal_repeated_media(make_model, questions, kind):
     model = build(make_model, kind)
     batch = make_batch(model, questions)
-    ids = batch["input_ids"].repeat_interleave(2, dim=0)
-    mask = batch["attention_mask"].repeat_interleave(2, dim=0)
-    hidden_shared = model.hidden_states(ids, mask, batch["media"], media_repeat=2)
-    hidden_repeated = model.hidden_states(ids, mask, repeat_media(batch["media"], 2))
+    ids = batch.input_ids.repeat_interleave(2, dim=0)
+    mask = batch.attention_mask.repeat_interleave(2, dim=0)
+    hidden_shared = model.hidden_states(ids, mask, batch.media, media_repeat=2)
+    hidden_repeated = model.hidden_states(ids, mask, repeat_media(batch.media, 2))
     torch.testing.assert_close(hidden_shared, hidden_repeated, rtol=0, atol=1e-6)
 
 
@@ -56,9 +58,10 @@ def test_media_shared_by_a_group_of_rows_equal_repeated_media(make_model, questi
 def test_token_logprobs_are_the_log_softmax_at_label_positions(make_model, questions, kind):
     model = build(make_model, kind)
     batch = make_batch(model, questions)
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    logps = model.token_logprobs(ids, mask, batch["media"], labels, temperature=0.7)
-    full = (model(ids, mask, batch["media"]).float() / 0.7).log_softmax(-1)[:, :-1]  # [B, T-1, V]
+    ids, mask, labels = batch.input_ids, batch.attention_mask, batch.labels
+    out = model(ids, mask, batch.media, labels)
+    logps = label_logprobs(out.logits, out.targets, out.kept, temperature=0.7)
+    full = (model(ids, mask, batch.media).dense().float() / 0.7).log_softmax(-1)[:, :-1]  # [B, T-1, V]
     targets = labels[:, 1:]
     keep = targets != -100
     expected = full.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
@@ -73,10 +76,17 @@ def test_generate_never_emits_a_media_placeholder(make_model, questions):
         model.base_llm.get_output_embeddings().bias = torch.nn.Parameter(
             torch.zeros(model.base_llm.config.vocab_size).index_fill_(0, torch.tensor([image_id]), 1e4)
         )
-    batch = make_batch(model, questions, mode="generate")
+    batch = make_batch(model, questions, kind="reference")
     for share in (True, False):
-        out = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], max_new_tokens=4,
-                             num_samples=2, share_prefill=share, do_sample=True)  # fmt: skip
+        out = model.generate(
+            batch.input_ids,
+            batch.attention_mask,
+            batch.media,
+            max_new_tokens=4,
+            num_samples=2,
+            share_prefill=share,
+            do_sample=True,
+        )
         assert not (out == image_id).any()
 
 
@@ -85,22 +95,23 @@ def test_dpo_and_grpo_losses_reach_every_connector_kind(make_model, synth_dir, k
     from mmpost.losses.dpo import preference_loss
     from mmpost.losses.grpo import policy_loss
     from mmpost.rewards import RewardSet
-    from mmpost.training.rollout import sample_and_score
+    from mmpost.stages.grpo.rollout import sample_and_score
 
     model = build(make_model, kind)
     images = synth_dir / "images"
-    pairs = make_batch(model, read_records(synth_dir / "pairs.json", image_root=images)[:3], mode="pair")
-    assert pairs["input_ids"].shape[0] == 6 and pairs["rows_per_sample"] == 2
-    logps = model(pairs["input_ids"], pairs["attention_mask"], pairs["media"], pairs["labels"], media_repeat=2,
-                  logprobs=True).sum(-1)  # fmt: skip
-    tokens = (pairs["labels"][:, 1:] != -100).sum(-1)
+    pairs = make_batch(model, read_records(synth_dir / "pairs.json", image_root=images)[:3], kind="pair")
+    assert isinstance(pairs, PairBatch) and pairs.pairs == 3  # two rows per sample: chosen, rejected
+    assert pairs.input_ids.shape[0] == 6
+    out = model(pairs.input_ids, pairs.attention_mask, pairs.media, pairs.labels, media_repeat=2)
+    logps = label_logprobs(out.logits, out.targets, out.kept).sum(-1)
+    tokens = (pairs.labels[:, 1:] != -100).sum(-1)
     ref = logps.detach() - 0.1
     loss = preference_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], tokens[0::2], tokens[1::2]).losses.sum()
-    prompts = make_batch(model, read_records(synth_dir / "count.json", image_root=images)[:2], mode="prompt")
+    prompts = make_batch(model, read_records(synth_dir / "count.json", image_root=images)[:2], kind="prompt")
     rollout = sample_and_score(model, prompts, RewardSet([{"name": "accuracy"}]), 3, 3, 1.0, 1.0, True, True)
     assert rollout.input_ids.shape[0] == 6 and len(rollout.texts) == 6
-    new = model(rollout.input_ids, rollout.attention_mask, rollout.media, rollout.labels, media_repeat=3,
-                logprobs=True)  # fmt: skip
+    out = model(rollout.input_ids, rollout.attention_mask, rollout.media, rollout.labels, media_repeat=3)
+    new = label_logprobs(out.logits, out.targets, out.kept)
     mask = (rollout.labels[:, 1:] != -100).float()
     loss = loss + policy_loss(new, new.detach(), rollout.advantages + 1.0, mask).loss
     loss.backward()

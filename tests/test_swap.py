@@ -8,10 +8,11 @@ import yaml
 from helpers import make_batch
 
 import mmpost
-from connectors import CONNECTORS
 from mmpost.cli import main
+from mmpost.connectors import CONNECTORS
 from mmpost.data.sources import read_records
-from mmpost.tiny.vision import make_tiny_open_clip, make_tiny_timm
+from mmpost.losses.ce import cross_entropy_sum
+from mmpost.synthetic.tiny_vision import make_tiny_open_clip, make_tiny_timm
 from mmpost.training.metrics import read_metrics
 
 
@@ -55,11 +56,12 @@ def test_python_swap_to_open_clip_then_steps_keep_the_llm(make_model, tmp_path, 
     batch = make_batch(model, read_records(synth_dir / "align.json", image_root=synth_dir / "images")[:8])
     losses = []
     for _ in range(5):
-        out = model(batch["input_ids"], batch["attention_mask"], batch["media"], labels=batch["labels"])
-        (out.loss_sum / out.num_tokens).backward()
+        out = model(batch.input_ids, batch.attention_mask, batch.media, labels=batch.labels)
+        loss = cross_entropy_sum(out.logits, out.targets) / out.targets.numel()
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(out.loss_sum.detach() / out.num_tokens))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
     assert all(torch.equal(v, model.llm.state_dict()[k]) for k, v in before.items())
 

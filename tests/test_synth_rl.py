@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from mmpost.data.sources import iter_shards, read_records
-from mmpost.data.synth import COLOURS, NUMBER_WORDS, SHAPES, TASKS, Scene, synthesize
+from mmpost.synthetic.scenes import COLOURS, NUMBER_WORDS, SHAPES, TASKS, Scene
+from mmpost.synthetic.write import synthesize
 
 NUM_TRAIN, NUM_HELDOUT, SHARD_SIZE = 12, 6, 5
 VALUES = {"colour": tuple(COLOURS), "shape": SHAPES, "count": tuple(NUMBER_WORDS)}

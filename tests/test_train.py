@@ -11,7 +11,7 @@ import webdataset as wds
 import yaml
 
 import mmpost
-import mmpost.train
+import mmpost.training.loop
 from mmpost.cli import main
 from mmpost.training.metrics import read_metrics
 
@@ -73,7 +73,7 @@ def test_resume_continues_the_same_loss_curve(run_config, tmp_path, monkeypatch,
         lora = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
         extra = {"stage": "sft", "data": {"train": sft}, "model": {"lora": lora}}
     assert main(["train", str(run_config("straight", train=common, **extra))]) == 0
-    original = mmpost.train.save_checkpoint
+    original = mmpost.training.loop.save_checkpoint
 
     def crash_after_step_10(*args, **kwargs):
         path = original(*args, **kwargs)
@@ -82,10 +82,10 @@ def test_resume_continues_the_same_loss_curve(run_config, tmp_path, monkeypatch,
         return path
 
     cfg = run_config("interrupted", train=common, **extra)
-    monkeypatch.setattr(mmpost.train, "save_checkpoint", crash_after_step_10)
+    monkeypatch.setattr(mmpost.training.loop, "save_checkpoint", crash_after_step_10)
     with pytest.raises(KeyboardInterrupt):
         main(["train", str(cfg)])
-    monkeypatch.setattr(mmpost.train, "save_checkpoint", original)
+    monkeypatch.setattr(mmpost.training.loop, "save_checkpoint", original)
     assert main(["train", str(cfg), "--resume"]) == 0
     straight = [(r["step"], r["loss"], r["lr"]) for r in train_lines(tmp_path / "straight")]
     resumed = [(r["step"], r["loss"], r["lr"]) for r in train_lines(tmp_path / "interrupted")]
@@ -105,8 +105,13 @@ def shard_with_corrupt_images(path: Path, synth_dir: Path, n: int, corrupt: set[
     with wds.TarWriter(str(path)) as sink:
         for i, record in enumerate(records):
             png = (synth_dir / "images" / record["image"]).read_bytes()
-            sink.write({"__key__": f"s{i:04d}", "png": b"\x89PNG not really" if i in corrupt else png,
-                        "json": json.dumps({**record, "image": "png"}).encode()})  # fmt: skip
+            sink.write(
+                {
+                    "__key__": f"s{i:04d}",
+                    "png": b"\x89PNG not really" if i in corrupt else png,
+                    "json": json.dumps({**record, "image": "png"}).encode(),
+                }
+            )
     return path
 
 

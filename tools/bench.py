@@ -8,7 +8,7 @@ time, peak memory (CPU RSS, or torch.cuda.max_memory_allocated on CUDA) and, on 
 utilisation. Steps run through the real training loop (data workers, accumulation, clipping, logging) with
 evaluation and checkpoints off; the first ``--warmup`` steps are left out of the figures, and each figure is
 the median over the measured steps. Model FLOPs per token are the run summary's estimate
-(``mmpost.training.parts.model_flops_per_token``).
+(``mmpost.training.trainable.model_flops_per_token``).
 
 A grpo config reports what its metric lines measure instead, ``time/step_s`` being the time of a step's
 sampling and optimisation (data loading left out) on the first process:
@@ -79,9 +79,13 @@ def bench_stage(argv: list[str]) -> int:
     overrides = [o for group in args.set for o in group]
     with tempfile.TemporaryDirectory() as tmp:
         overrides += [
-            f"out={tmp}/run", f"train.max_steps={args.steps + args.warmup}", "train.log_every=1",
-            "train.save_every=0", "train.eval_every=0", "data.eval=null",
-        ]  # fmt: skip
+            f"out={tmp}/run",
+            f"train.max_steps={args.steps + args.warmup}",
+            "train.log_every=1",
+            "train.save_every=0",
+            "train.eval_every=0",
+            "data.eval=null",
+        ]
         cfg = load_config(args.config, overrides)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -94,7 +98,7 @@ def bench_stage(argv: list[str]) -> int:
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     result = {
         "config": args.config,
-        "stage": cfg.stage["name"],
+        "stage": cfg.stage.name,
         "stage_options": stage_options(cfg),
         "device": torch.cuda.get_device_name()
         if torch.cuda.is_available()
@@ -102,7 +106,7 @@ def bench_stage(argv: list[str]) -> int:
         "processes": processes,
         "steps_measured": len(lines),
     }
-    if cfg.stage["name"] == "grpo":
+    if cfg.stage.name == "grpo":
         result |= grpo_figures(lines, cfg, result["stage_options"]["group_size"], processes)
     else:
         result |= throughput_figures(lines, cfg, processes)
@@ -186,18 +190,24 @@ def grpo_parser() -> argparse.ArgumentParser:
 def build_grpo_inputs(args: argparse.Namespace, out: Path):
     """The random-weight LMM and a left-padded batch of ``--prompts`` counting prompts, on ``--device``."""
     import mmpost
-    from mmpost.data.loader import make_pipeline
+    from mmpost.data.pipeline import PromptPipeline
     from mmpost.data.sources import read_records
-    from mmpost.data.synth import synthesize
-    from mmpost.tiny.llm import make_tiny_llm, make_tiny_tokenizer
-    from mmpost.tiny.vision import make_tiny_clip
+    from mmpost.synthetic.tiny_llm import make_tiny_llm, make_tiny_tokenizer
+    from mmpost.synthetic.tiny_vision import make_tiny_clip
+    from mmpost.synthetic.write import synthesize
 
     synthesize(out / "data", num_train=args.prompts, num_heldout=0, image_size=max(args.image_size, 32), progress=False)
     heads = max(1, args.llm_hidden // 64)
     llm = make_tiny_llm(
-        out / "llm", make_tiny_tokenizer(out / "llm"), hidden_size=args.llm_hidden, layers=args.llm_layers,
-        heads=heads, kv_heads=max(1, heads // 2), intermediate_size=4 * args.llm_hidden, seed=args.seed,
-    )  # fmt: skip
+        out / "llm",
+        make_tiny_tokenizer(out / "llm"),
+        hidden_size=args.llm_hidden,
+        layers=args.llm_layers,
+        heads=heads,
+        kv_heads=max(1, heads // 2),
+        intermediate_size=4 * args.llm_hidden,
+        seed=args.seed,
+    )
     clip = make_tiny_clip(out / "clip", args.image_size, args.patch_size, hidden_size=args.clip_hidden, seed=args.seed)
     torch.manual_seed(args.seed)
     model = mmpost.LMM(
@@ -207,14 +217,11 @@ def build_grpo_inputs(args: argparse.Namespace, out: Path):
     )
     model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
     prompts = read_records(out / "data" / "count.json", image_root=out / "data" / "images")
-    process, collate = make_pipeline(model, max_length=4096, mode="prompt")  # user-only prompts, left-padded
-    batch = collate([process(s) for s in prompts])
-    if len(batch["input_ids"]) != args.prompts:
-        raise RuntimeError(f"{len(batch['input_ids'])} of the {args.prompts} prompts made it into the batch")
-    batch = {key: batch[key].to(args.device) for key in ("input_ids", "attention_mask")} | {
-        "media": {m: x.to(args.device) for m, x in batch["media"].items()}
-    }
-    return model, batch
+    pipeline = PromptPipeline.for_model(model, max_length=4096)  # user-only prompts, left-padded
+    batch = pipeline.collate([pipeline.process(s) for s in prompts])
+    if len(batch.ids) != args.prompts:
+        raise RuntimeError(f"{len(batch.ids)} of the {args.prompts} prompts made it into the batch")
+    return model, batch.to(args.device)
 
 
 def bench_grpo(args: argparse.Namespace) -> dict:
@@ -230,7 +237,7 @@ def bench_grpo(args: argparse.Namespace) -> dict:
         out = args.out or Path(tmp)
         model, batch = build_grpo_inputs(args, out)
     media_tokens = model.media_tokens("image", (3, args.image_size, args.image_size))
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ids, mask = batch.input_ids, batch.attention_mask
     placeholders = (ids == model.placeholder_ids["image"]).sum(-1)  # [P]
     if not bool((placeholders == media_tokens).all()):
         raise RuntimeError(f"prompts hold {placeholders.tolist()} media tokens, media_tokens() says {media_tokens}")
@@ -244,7 +251,7 @@ def bench_grpo(args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        tokens = model.generate(ids, mask, batch["media"], share_prefill=share, **common, **kwargs)
+        tokens = model.generate(ids, mask, batch.media, share_prefill=share, **common, **kwargs)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - started, tokens

@@ -47,17 +47,24 @@ ENCODER_SPECS: dict[str, dict[str, Any]] = {
             "num_mel_bins": 80,
             "max_source_positions": 100,
         },
-    },  # fmt: skip
-    "wav2vec2": {"name": "wav2vec2"},  # config filled in: mmpost.tiny.audio.tiny_speech_config
+    },
+    "wav2vec2": {"name": "wav2vec2"},  # config filled in: mmpost.synthetic.tiny_audio.tiny_speech_config
 }
 CONNECTOR_SPECS: dict[str, dict[str, Any]] = {
     "linear": {"name": "linear"},
     "mlp": {"name": "mlp", "depth": 2},
-    "qformer": {"name": "qformer", "num_queries": 16, "hidden_size": 64, "layers": 2, "heads": 4,
-                "cross_attention_frequency": 1, "dropout": 0.0},
+    "qformer": {
+        "name": "qformer",
+        "num_queries": 16,
+        "hidden_size": 64,
+        "layers": 2,
+        "heads": 4,
+        "cross_attention_frequency": 1,
+        "dropout": 0.0,
+    },
     "resampler": {"name": "resampler", "num_latents": 16, "layers": 2, "heads": 4},
     "xattn": {"name": "xattn", "every": 2, "heads": 4, "num_latents": 16, "resampler_layers": 2, "resampler_heads": 4},
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -88,8 +95,8 @@ MARKERS = ("<!-- connector-table:start -->", "<!-- connector-table:end -->")
 def build_base(out: Path) -> None:
     """Synthetic data and the tiny LLM (tokenizer trained on all of the data's text)."""
     from mmpost.data.sources import read_records
-    from mmpost.data.synth import synthesize
-    from mmpost.tiny.llm import make_tiny_llm, make_tiny_tokenizer
+    from mmpost.synthetic.tiny_llm import make_tiny_llm, make_tiny_tokenizer
+    from mmpost.synthetic.write import synthesize
 
     data = out / "data"
     if not (data / "synth.json").is_file():
@@ -104,10 +111,10 @@ def build_base(out: Path) -> None:
 
 def pretrained_encoder(out: Path, key: str):
     """The tiny encoder ``key``, pretrained once on synthetic media and cached under ``OUT/encoders``."""
-    from encoders import ENCODERS
-    from mmpost.tiny.audio import tiny_speech_config
-    from mmpost.tiny.pretrain import draw_beeps, draw_shapes, pretrain_encoder
-    from mmpost.tiny.vision import make_tiny_clip
+    from mmpost.encoders import ENCODERS
+    from mmpost.synthetic.pretrain import draw_beeps, draw_shapes, pretrain_encoder
+    from mmpost.synthetic.tiny_audio import tiny_speech_config
+    from mmpost.synthetic.tiny_vision import make_tiny_clip
 
     spec = dict(ENCODER_SPECS[key])
     if key == "clip":

@@ -12,8 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from mmpost.tiny.llm import make_tiny_llm, make_tiny_tokenizer
-from mmpost.tiny.vision import make_tiny_clip, make_tiny_open_clip, make_tiny_siglip, make_tiny_timm
+from mmpost.synthetic.tiny_llm import make_tiny_llm, make_tiny_tokenizer
+from mmpost.synthetic.tiny_vision import make_tiny_clip, make_tiny_open_clip, make_tiny_siglip, make_tiny_timm
 
 
 def main() -> None:

@@ -47,31 +47,34 @@ def options_for(name: str, calib_samples: int):
 
 def held_out_batches(model, cfg, samples) -> dict[str, list]:
     """The held-out samples batched once for every scheme: prompts for accuracy, conversations for loss and KL."""
-    from mmpost.data.loader import make_pipeline
+    from mmpost.data.pipeline import ConversationPipeline, PromptPipeline
 
     batches = {}
-    for mode in ("generate", "train"):
-        process, collate = make_pipeline(model, cfg.data.max_length, mode)
-        items = [process(s) for s in samples]
+    pipelines = {
+        "generate": PromptPipeline.for_model(model, cfg.data.max_length, need_reference=True),
+        "train": ConversationPipeline.for_model(model, cfg.data.max_length),
+    }
+    for kind, pipeline in pipelines.items():
+        items = [pipeline.process(s) for s in samples]
         size = cfg.eval.batch_size
-        batches[mode] = [collate(items[i : i + size]) for i in range(0, len(items), size)]
+        batches[kind] = [pipeline.collate(items[i : i + size]) for i in range(0, len(items), size)]
     return batches
 
 
 @torch.no_grad()
 def measure(model, float_model, cfg, batches: dict[str, list], tasks: list[str], accelerator) -> dict:
     """Held-out accuracy and loss of ``model``, and its KL to ``float_model`` on the answer tokens."""
-    from mmpost.training.evaluate import eval_accuracy, eval_loss, to_device
+    from mmpost.training.evaluate import eval_accuracy, eval_loss
 
     accuracy, _ = eval_accuracy(model, batches["generate"], accelerator, cfg.eval.max_new_tokens, tasks)
     result = {"accuracy": accuracy["eval/accuracy"], "loss": eval_loss(model, batches["train"], accelerator)}
     result |= {f"accuracy/{k.split('/')[-1]}": v for k, v in accuracy.items() if k.count("/") == 2}
     kl_sum, tokens = 0.0, 0
     for batch in batches["train"]:
-        batch = to_device(batch, accelerator.device)
-        args = (batch["input_ids"], batch["attention_mask"], batch["media"], batch["labels"])
-        p = float_model(*args, label_logits=True).log_softmax(-1)
-        q = model(*args, label_logits=True).log_softmax(-1)
+        batch = batch.to(accelerator.device)
+        args = (batch.input_ids, batch.attention_mask, batch.media, batch.labels)
+        p = float_model(*args).logits.log_softmax(-1)
+        q = model(*args).logits.log_softmax(-1)
         kl_sum += float((p.exp() * (p - q)).sum())
         tokens += p.shape[0]
     result["kl_to_float"] = kl_sum / max(tokens, 1)
@@ -92,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     from mmpost.cli import quiet_libraries
     from mmpost.config import load_config
     from mmpost.data.loader import read_source
-    from mmpost.model.io import load_lmm, resolve_model_dir
+    from mmpost.model.build import load_lmm
+    from mmpost.model.format import resolve_model_dir
+    from mmpost.model.quantized import disk_sizes
     from mmpost.quant import calibration_samples, quantize
-    from mmpost.quant.compressed import disk_sizes
 
     quiet_libraries()
     torch.manual_seed(0)

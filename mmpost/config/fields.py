@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from typing import Any
 
 MISSING = dataclasses.MISSING
@@ -91,11 +92,11 @@ def path_field(default: Any = MISSING, *, if_exists: bool = False) -> Any:
     return dataclasses.field(default=default, metadata={"path": "if_exists" if if_exists else "always"})
 
 
-# Constructor arguments of registered parts that name files (encoders' ``path`` / ``weights``, the
-# qformer's ``path``, distill's ``teacher``). Parts' constructors are their schema and carry no field
+# Constructor arguments of registered encoders and connectors that name files (``path`` / ``weights``; stages
+# mark theirs with ``path_field``). Parts' constructors are their schema and carry no field
 # metadata, so the names are listed here; a value is changed only when it names an existing local path,
 # so the same key holding a hub id or anything else is left alone.
-PART_PATH_KEYS = ("path", "weights", "teacher")
+PART_PATH_KEYS = ("path", "weights")
 
 # Prefixes of path values that are not plain filesystem paths: mmpost.weights' package paths and
 # webdataset's shell pipes (URLs are recognised by their ``://``).
@@ -131,13 +132,13 @@ def absolute_paths(cfg: Any) -> Any:
         mode = field.metadata.get("path")
         if mode is not None and isinstance(value, str):
             changes[field.name] = absolute_path(value, if_exists=mode == "if_exists")
+        elif dataclasses.is_dataclass(value):  # a section, or a stage's options
+            changes[field.name] = absolute_paths(value)
         elif field.metadata.get("registry") is not None and value is not None:
             if field.metadata["many"]:
                 changes[field.name] = {k: _absolute_part_paths(part) for k, part in value.items()}
             else:
                 changes[field.name] = _absolute_part_paths(value)
-        elif dataclasses.is_dataclass(value):
-            changes[field.name] = absolute_paths(value)
     return dataclasses.replace(cfg, **changes)
 
 
@@ -157,3 +158,20 @@ def check_range(value: Any, rng: Range, where: str) -> None:
             check_range(v, rng, f"{where}.{k}")
     elif not rng.contains(value):
         raise ConfigError(f"{where}: must be {rng}, got {value!r}")
+
+
+def check_values(obj: Any, where: str) -> None:
+    """Checks every ``ranged`` field and every ``Literal`` choice of dataclass instance ``obj`` (for options built
+    in Python as well as from YAML); messages name ``where.field``.
+
+    Raises:
+        ConfigError: for the first value out of its range or not among its choices.
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if "range" in f.metadata:
+            check_range(value, f.metadata["range"], f"{where}.{f.name}")
+        if typing.get_origin(hints[f.name]) is typing.Literal and value not in typing.get_args(hints[f.name]):
+            choices = " | ".join(repr(a) for a in typing.get_args(hints[f.name]))
+            raise ConfigError(f"{where}.{f.name}: expected one of {choices}, got {value!r}")

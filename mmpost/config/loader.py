@@ -50,15 +50,15 @@ def registry_field(registry: str, many: bool = False, default: Any = MISSING, de
 
 def get_registry(name: str) -> Registry:
     if name == "encoders":
-        from encoders import ENCODERS
+        from mmpost.encoders import ENCODERS
 
         return ENCODERS
     if name == "connectors":
-        from connectors import CONNECTORS
+        from mmpost.connectors import CONNECTORS
 
         return CONNECTORS
     if name == "stages":
-        from mmpost.stages import STAGES
+        from mmpost.registry import STAGES
 
         return STAGES
     raise KeyError(name)
@@ -149,8 +149,12 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported config type {_type_name(tp)}")
 
 
-def check_part(registry_name: str, spec: Any, where: str) -> dict[str, Any]:
-    """Validates ``spec`` ({name: ..., **kwargs} or a bare name) against the registered constructor."""
+def check_part(registry_name: str, spec: Any, where: str) -> Any:
+    """Validates ``spec`` ({name: ..., **kwargs} or a bare name) against the registered part.
+
+    A part with an ``Options`` dataclass (a stage) gets an instance of it; any other part (an encoder, a
+    connector) gets ``{name, **kwargs}`` checked against its constructor's signature.
+    """
     if isinstance(spec, str):
         spec = {"name": spec}
     if not isinstance(spec, dict) or "name" not in spec:
@@ -160,6 +164,9 @@ def check_part(registry_name: str, spec: Any, where: str) -> dict[str, Any]:
         cls = registry.get(spec["name"])
     except RegistryError as err:
         raise ConfigError(f"{where}.name: {err}") from None
+    options = getattr(cls, "Options", None)
+    if dataclasses.is_dataclass(options):
+        return from_dict(options, spec, where)
     params, hints = constructor_params(cls)
     out: dict[str, Any] = {"name": spec["name"]}
     for key, value in spec.items():
@@ -207,7 +214,12 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     for key, field in fields.items():
         if field.name not in kwargs and field.default is MISSING and field.default_factory is MISSING:
             raise ConfigError(f"{where + '.' if where else ''}{key}: required key is missing")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:  # a rule across keys, checked by the dataclass itself
+        raise ConfigError(f"{where + ': ' if where else ''}{err}") from None
 
 
 def to_dict(obj: Any) -> Any:
@@ -344,12 +356,17 @@ def describe_registry(registry_name: str) -> list[str]:
     lines = []
     for name in registry.names():
         cls = registry.get(name)
+        summary = (inspect.getdoc(cls) or "").splitlines()[0] if inspect.getdoc(cls) else ""
+        lines.append(f"{registry.kind} {name!r}: {summary}")
+        options = getattr(cls, "Options", None)
+        if dataclasses.is_dataclass(options):
+            keys = [line for line in describe(options) if not line.startswith("name ")]  # the name is the stage's
+            lines += ["    " + line.replace("\n", "\n    ") for line in keys]
+            continue
         params, hints = constructor_params(cls)
         docs: dict[str, str] = {}
         for klass in reversed(cls.__mro__):  # a subclass may document only what it changes
             docs |= parse_docstring(klass) | parse_docstring(klass.__init__)
-        summary = (inspect.getdoc(cls) or "").splitlines()[0] if inspect.getdoc(cls) else ""
-        lines.append(f"{registry.kind} {name!r}: {summary}")
         for pname, param in params.items():
             default = " (required)" if param.default is inspect.Parameter.empty else f" = {param.default!r}"
             lines.append(f"    {pname} [{_type_name(hints.get(pname, Any))}]{default}: {docs.get(pname, '')}")

@@ -186,8 +186,9 @@ class RunConfig:
     """A training run: one stage on one model and dataset.
 
     Attributes:
-        stage: the registered stage to run (``align``, ``sft``, ``dpo`` or ``grpo``), with its options:
-            ``stage: sft`` or ``stage: {name: dpo, beta: 0.1, ...}`` (each stage's options are listed below).
+        stage: the registered stage to run (``align``, ``sft``, ``dpo``, ``grpo`` or ``distill``), with its
+            options: ``stage: sft`` or ``stage: {name: dpo, beta: 0.1, ...}`` (each stage's options are listed
+            below); loaded as that stage's options dataclass.
         out: the run directory (config.yaml, metrics.jsonl, checkpoints/, final/).
         from_: start from an earlier run directory (its ``final/``) or a saved model directory; the
             ``model`` section then only changes it: ``model.encoders`` / ``model.connectors`` entries
@@ -199,7 +200,7 @@ class RunConfig:
         eval: evaluation.
     """
 
-    stage: dict[str, Any] = registry_field("stages")
+    stage: Any = registry_field("stages")
     out: str = path_field("")
     from_: str | None = path_field(None, if_exists=True)
     seed: int = ranged(0, ge=0, le=2**32 - 1)

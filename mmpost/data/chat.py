@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from mmpost.data.sample import DataError, Sample
-
-IGNORE = -100
+from mmpost.interfaces import IGNORE
 
 
 @dataclass

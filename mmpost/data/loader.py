@@ -1,5 +1,8 @@
 """DataLoaders for a run: reading a source, sharding batches across processes, resuming mid-epoch.
 
+JSON data is a map-style dataset (exact resume: the sampler skips batches without loading them);
+webdataset shards are an iterable one, split across processes and workers by webdataset.
+
 Map-style (JSON) data uses ``EpochBatchSampler``: a seeded permutation per epoch, cut into global
 batches of ``batch_size x world_size``; process ``r`` takes slice ``r`` of each. A 2 x 4 run therefore
 sees exactly the samples of a 1 x 8 run, and resuming at batch ``k`` skips ``k`` batches without
@@ -10,18 +13,18 @@ from __future__ import annotations
 
 import math
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from mmpost.config.schema import DataConfig, DataSourceConfig
-from mmpost.data.chat import ChatEncoder, Skipped
-from mmpost.data.dataset import Collator, ListDataset, SampleProcessor, ShardDataset
+from mmpost.config.schema import DataSourceConfig
+from mmpost.data.batches import Batch
+from mmpost.data.chat import Skipped
+from mmpost.data.pipeline import Pipeline
 from mmpost.data.sample import DataError, Sample
-from mmpost.model.lmm import LMM
 
 
 def is_json_source(path: str) -> bool:
@@ -82,55 +85,43 @@ class EpochBatchSampler(Sampler[list[int]]):
                 yield mine
 
 
-def make_pipeline(model: LMM, max_length: int, mode: str) -> tuple[SampleProcessor, Collator]:
-    """The per-sample processor and the batch collator for ``model``'s tokenizer and encoders.
-
-    Args:
-        mode: "train", "generate" or "prompt" (see ``SampleProcessor``); prompts are left-padded.
-    """
-    chat = ChatEncoder(model.tokenizer, model.placeholder_ids, max_length)
-    processors = {m: e.preprocessor() for m, e in model.encoders.items()}
-    side = "right" if mode == "train" else "left"
-    return SampleProcessor(chat, processors, model.media_tokens, mode), Collator(
-        model.tokenizer.pad_token_id, processors, side
-    )
-
-
 def make_loader(
     samples: list[Sample] | None,
-    source: DataSourceConfig,
-    model: LMM,
-    data: DataConfig,
+    pipeline: Pipeline,
+    *,
     batch_size: int,
-    mode: str,
-    rank: int,
-    world: int,
-    seed: int,
-    shuffle: bool,
-    pipeline: Any = None,
+    shards: str = "",
+    rank: int = 0,
+    world: int = 1,
+    seed: int = 0,
+    shuffle: bool = False,
+    num_workers: int = 0,
 ) -> tuple[DataLoader, EpochBatchSampler | None]:
-    """A DataLoader over ``samples`` (map-style) or over ``source``'s shards when ``samples`` is None.
+    """A DataLoader over ``samples`` (map-style), or over the webdataset ``shards`` when ``samples`` is None.
 
-    ``pipeline`` (with ``process`` and ``collate``) replaces ``model``'s own, e.g. to prepare each sample
-    for a distillation teacher too.
+    Args:
+        pipeline: turns samples into one kind of batch (``mmpost.data.pipeline``).
+        batch_size: samples per process per batch.
+        rank, world: this process and the number of processes (each takes its slice of every global batch).
+        seed: the data order's seed (epoch ``e`` of a shuffled run uses ``seed + e``).
+        shuffle: a new permutation every epoch, dropping the last incomplete global batch (training); otherwise
+            the samples in order, every process getting its rest (evaluation).
+        num_workers: DataLoader worker processes.
     """
-    process, collate = make_pipeline(model, data.max_length, mode)
-    if pipeline is not None:
-        process, collate = pipeline.process, pipeline.collate
     # Its own generator: each new iterator draws a worker base seed, and drawing it from the global RNG
     # would shift dropout masks after a resume (which creates an iterator mid-epoch).
-    workers = dict(num_workers=data.num_workers, generator=torch.Generator().manual_seed(seed))
-    if data.num_workers > 0:
+    workers: dict[str, Any] = dict(num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+    if num_workers > 0:
         workers["multiprocessing_context"] = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
         workers["worker_init_fn"] = leave_signals_to_the_main_process
     if samples is not None:
         sampler = EpochBatchSampler(len(samples), batch_size, rank, world, seed, shuffle, drop_last=shuffle)
-        loader = DataLoader(ListDataset(samples, process), batch_sampler=sampler, collate_fn=collate, **workers)
-        return loader, sampler
+        dataset = ListDataset(samples, pipeline.process)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=pipeline.collate, **workers), sampler
     from mmpost.data.sources import iter_shards
 
-    dataset = ShardDataset(lambda: iter_shards(source.path), process)
-    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate, **workers), None
+    dataset = ShardDataset(lambda: iter_shards(shards), pipeline.process)
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=pipeline.collate, **workers), None
 
 
 def leave_signals_to_the_main_process(_worker_id: int) -> None:
@@ -138,6 +129,32 @@ def leave_signals_to_the_main_process(_worker_id: int) -> None:
     A Ctrl-C reaches the whole process group and would otherwise kill the workers under the main process's feet."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """Map-style dataset over samples read from JSON / JSONL."""
+
+    def __init__(self, samples: Sequence[Sample], process: Callable[[Sample], Any]) -> None:
+        self.samples = list(samples)
+        self.process = process
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.process(self.samples[index])
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Iterable dataset over webdataset shards (split across processes and workers by webdataset)."""
+
+    def __init__(self, make_iter: Callable[[], Iterator[Sample]], process: Callable[[Sample], Any]) -> None:
+        self.make_iter = make_iter
+        self.process = process
+
+    def __iter__(self) -> Iterator[dict[str, Any] | Skipped]:
+        for sample in self.make_iter():
+            yield self.process(sample)
 
 
 class StandIn:
@@ -149,9 +166,9 @@ class StandIn:
 
     def __init__(self, loader: DataLoader) -> None:
         self.loader = loader
-        self.batch: dict[str, Any] | None = None
+        self.batch: Batch | None = None
 
-    def __call__(self) -> dict[str, Any]:
+    def __call__(self) -> Batch:
         if self.batch is None:
             dataset = self.loader.dataset
             items = (dataset[i] for i in range(len(dataset))) if isinstance(dataset, ListDataset) else iter(dataset)

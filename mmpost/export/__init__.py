@@ -23,7 +23,8 @@ import torch
 from mmpost.config.schema import DataSourceConfig
 from mmpost.export.check import agreement, check_hf_export, check_mmpost_export, outputs, probes
 from mmpost.export.hf_llava import ExportError, export_llava
-from mmpost.model.io import load_lmm, resolve_model_dir
+from mmpost.model.build import load_lmm
+from mmpost.model.format import resolve_model_dir
 from mmpost.model.lmm import LMM
 
 __all__ = ["ExportError", "export", "read_report"]
@@ -88,7 +89,7 @@ def export(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    from mmpost.quant.compressed import disk_sizes
+    from mmpost.model.quantized import disk_sizes
 
     report["size"] = disk_sizes(tmp)
     (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
@@ -112,8 +113,9 @@ def check_out(out: Path, source: Path | None, force: bool) -> None:
         src, dst = source.resolve(), out.resolve()
         if dst == src or dst in src.parents or src in dst.parents:
             where = "is" if dst == src else ("holds" if dst in src.parents else "lies inside")
-            raise FileExistsError(f"--out {out} {where} the model being exported ({source}); choose a folder "
-                                  "outside it")  # fmt: skip
+            raise FileExistsError(
+                f"--out {out} {where} the model being exported ({source}); choose a folder outside it"
+            )
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"--out {out} is not empty; pass --force to replace it")
 

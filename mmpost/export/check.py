@@ -3,41 +3,55 @@
 from __future__ import annotations
 
 import io
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image, ImageDraw
 
-from mmpost.data.loader import make_pipeline
+from mmpost.data.batches import PromptBatch
+from mmpost.data.pipeline import PromptPipeline
 from mmpost.data.sample import PLACEHOLDERS, Sample
-from mmpost.data.synth import draw_scene
 from mmpost.export.hf_llava import ExportError
 from mmpost.model.lmm import LMM
 
 PROBE_PROMPTS = ("What is in the image?", "What colour is the shape?", "How many shapes are there?", "Describe it.")
 PROBE_NEW_TOKENS = 8
+_PROBE_COLOURS = ((220, 0, 0), (0, 170, 0), (0, 0, 230), (250, 210, 0))
+
+
+def probe_image(index: int, size: int = 64) -> Image.Image:
+    """A small deterministic picture: ``index + 1`` (up to 3) filled boxes or discs of one colour on grey. Any
+    picture serves a comparison of two implementations; these are cheap and the same everywhere."""
+    image = Image.new("RGB", (size, size), (235, 235, 235))
+    draw = ImageDraw.Draw(image)
+    colour = _PROBE_COLOURS[index % len(_PROBE_COLOURS)]
+    cell = size // 3
+    for k in range(index % 3 + 1):
+        box = (k * cell + 2, k * cell + 2, (k + 1) * cell - 3, (k + 1) * cell - 3)
+        (draw.ellipse if index % 2 else draw.rectangle)(box, fill=colour)
+    return image
 
 
 @dataclass
 class Probe:
-    """One prompt (with a synthetic image when the model reads images) as mmpost's pipeline batches it."""
+    """One prompt (with a probe image when the model reads images) as mmpost's pipeline batches it."""
 
     prompt: str
     image: Any
-    batch: dict[str, Any]
+    batch: PromptBatch
 
     def args(self) -> tuple:
-        return self.batch["input_ids"], self.batch["attention_mask"], self.batch["media"]
+        return self.batch.input_ids, self.batch.attention_mask, self.batch.media
 
 
 def probes(model: LMM, count: int = len(PROBE_PROMPTS), image_size: int = 64) -> list[Probe]:
-    process, collate = make_pipeline(model, max_length=1 << 30, mode="prompt")
+    pipeline = PromptPipeline.for_model(model, max_length=1 << 30)
     reads_images = "image" in model.modalities
     out = []
     for i in range(count):
-        _, image = draw_scene(random.Random(i), image_size)
+        image = probe_image(i, image_size)
         png = io.BytesIO()
         image.save(png, format="PNG")
         prompt = PROBE_PROMPTS[i % len(PROBE_PROMPTS)]
@@ -47,14 +61,14 @@ def probes(model: LMM, count: int = len(PROBE_PROMPTS), image_size: int = 64) ->
             messages=[{"role": "user", "content": prefix + prompt}],
             media={"image": [png.getvalue()]} if reads_images else {},
         )
-        out.append(Probe(prompt, image, collate([process(sample)])))
+        out.append(Probe(prompt, image, pipeline.collate([pipeline.process(sample)])))
     return out
 
 
 @torch.no_grad()
 def outputs(model: LMM, probe_list: list[Probe]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``model``'s logits and greedy tokens on each probe."""
-    return [(model(*p.args()), model.generate(*p.args(), PROBE_NEW_TOKENS)) for p in probe_list]
+    """``model``'s logits ``[1, T, V]`` and greedy tokens on each probe."""
+    return [(model(*p.args()).dense(), model.generate(*p.args(), PROBE_NEW_TOKENS)) for p in probe_list]
 
 
 def agreement(expected: list, got: list) -> tuple[dict[str, Any], int]:
@@ -80,7 +94,7 @@ def verdict(expected: list, got: list, who: str) -> dict[str, Any]:
 
 def check_mmpost_export(model: LMM, out: Path, probe_list: list[Probe], expected: list) -> dict[str, Any]:
     """Reloads ``out`` with mmpost and compares logits and greedy tokens with ``model``'s ``expected``."""
-    from mmpost.model.io import load_lmm
+    from mmpost.model.build import load_lmm
 
     reloaded = load_lmm(out).eval()
     if (model.quantization is None) != (reloaded.quantization is None):
@@ -107,12 +121,12 @@ def check_hf_export(model: LMM, out: Path, probe_list: list[Probe], expected: li
             add_generation_prompt=True,
         )
         inputs = processor(images=[probe.image], text=[text], return_tensors="pt")
-        if not torch.equal(inputs["input_ids"], probe.batch["input_ids"]):
+        if not torch.equal(inputs["input_ids"], probe.batch.input_ids):
             raise ExportError(
                 f"the exported processor tokenizes the probe differently ({inputs['input_ids'].shape[1]} tokens vs "
-                f"mmpost's {probe.batch['input_ids'].shape[1]})"
+                f"mmpost's {probe.batch.input_ids.shape[1]})"
             )
-        pixel_diff = max(pixel_diff, float((inputs["pixel_values"] - probe.batch["media"]["image"]).abs().max()))
+        pixel_diff = max(pixel_diff, float((inputs["pixel_values"] - probe.batch.media["image"]).abs().max()))
         if pixel_diff > 1e-5:
             raise ExportError(f"the exported image processor differs from mmpost's preprocessing by {pixel_diff:.3g}")
         tokens = hf.generate(**inputs, max_new_tokens=PROBE_NEW_TOKENS, do_sample=False)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from mmpost.interfaces import PLACEHOLDERS
-from mmpost.model.io import base_llm_state_dict
+from mmpost.model.format import base_llm_state_dict
 from mmpost.model.lmm import LMM
 
 
@@ -32,8 +32,8 @@ class ExportError(ValueError):
 
 def check_llava_compatible(model: LMM) -> None:
     """Raises ExportError naming the part that LLaVA's layout cannot hold."""
-    from connectors.projection import MLPConnector
-    from encoders.hf_vision import HFVisionEncoder
+    from mmpost.connectors.projection import MLPConnector
+    from mmpost.encoders.hf_vision import HFVisionEncoder
 
     if model.modalities != ["image"]:
         raise ExportError(f"--format hf holds exactly one image modality; this model has {model.modalities}")
@@ -160,10 +160,15 @@ def export_llava(model: LMM, out: Path) -> Path:
     if model.quantization is None:
         hf.save_pretrained(out)
     else:
-        from mmpost.quant.compressed import save_compressed
+        from mmpost.model.quantized import save_compressed
 
-        save_compressed(hf, out, model.quantization, rename=lambda name: llava_name(model, name),
-                        extra_ignore=["vision_tower", "multi_modal_projector"])  # fmt: skip
+        save_compressed(
+            hf,
+            out,
+            model.quantization,
+            rename=lambda name: llava_name(model, name),
+            extra_ignore=["vision_tower", "multi_modal_projector"],
+        )
     template = model.tokenizer.chat_template
     placeholders = {"image": PLACEHOLDERS["image"]}
     if isinstance(template, dict):  # named templates (default, tool_use, ...)

@@ -1,4 +1,5 @@
-"""Token cross-entropy, summed (the caller divides by the label tokens of the whole optimizer step)."""
+"""Token-level quantities of label-position logits: the summed cross-entropy (the caller divides by the label
+tokens of the whole optimizer step) and the label tokens' log-probabilities that preference and RL losses take."""
 
 from __future__ import annotations
 
@@ -21,3 +22,21 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
         scalar fp32 tensor.
     """
     return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def label_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, kept: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Log-probabilities of the label tokens, laid out per position.
+
+    Args:
+        logits: ``[N, V]`` logits at the kept positions (``TokenLogits.logits``).
+        targets: ``[N]`` the tokens they predict.
+        kept: ``[B, P]`` bool, which positions the N rows are.
+        temperature: the logits are divided by it first (sampling's temperature, for RL ratios).
+
+    Returns:
+        ``[B, P]`` float32: entry ``t`` is the log-probability of the token at ``t + 1``, 0 where nothing is kept.
+    """
+    picked = (logits.float() / temperature).log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return torch.zeros(kept.shape, dtype=picked.dtype, device=picked.device).masked_scatter(kept, picked)

@@ -1,4 +1,4 @@
-"""Loading the LLM and its tokenizer, adding media placeholder tokens, and LoRA through peft."""
+"""Loading the LLM and its tokenizer, and adding media placeholder tokens."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from mmpost.config.schema import LLMConfig, LoraConfig
+from mmpost.config.schema import LLMConfig
 from mmpost.weights import locate_pretrained
 
 log = logging.getLogger(__name__)
@@ -78,27 +78,3 @@ def prepare_tokenizer(
             raise ValueError(f"placeholder {p!r} tokenizes to {encoded}, expected one special token")
         ids[p] = encoded[0]
     return ids
-
-
-def add_lora(model: PreTrainedModel, cfg: LoraConfig):
-    """Wraps ``model`` in peft LoRA adapters (trainable) and returns the PeftModel."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    targets: list[str] | str = cfg.target_modules
-    if targets == ["all-linear"]:
-        targets = "all-linear"
-    peft_cfg = PeftLoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM"
-    )
-    return get_peft_model(model, peft_cfg)
-
-
-def base_causal_lm(llm: torch.nn.Module) -> PreTrainedModel:
-    """The transformers CausalLM inside ``llm`` (itself, or the model a peft wrapper adapts)."""
-    get_base = getattr(llm, "get_base_model", None)
-    return get_base() if callable(get_base) else llm
-
-
-def has_lora(llm: torch.nn.Module) -> bool:
-    return base_causal_lm(llm) is not llm

@@ -13,7 +13,7 @@ The LLM is composed, never patched: mmpost calls ``get_input_embeddings()``, ``g
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mmpost.config.schema import LLMConfig, LoraConfig
 from mmpost.interfaces import (
+    IGNORE,
     PLACEHOLDERS,
     Connector,
     Encoder,
@@ -29,28 +30,33 @@ from mmpost.interfaces import (
     MediaBatch,
     media_count,
 )
-from mmpost.losses.ce import cross_entropy_sum
 from mmpost.model import fusion
+from mmpost.model.format import save_lmm
 from mmpost.model.fusion import FusionMedia, FusionState
-from mmpost.model.llm import add_lora, base_causal_lm, has_lora, load_llm, prepare_tokenizer
-
-IGNORE = -100
+from mmpost.model.llm import load_llm, prepare_tokenizer
+from mmpost.model.lora import add_lora, base_causal_lm, has_lora
 
 
 @dataclass
-class LossOutput:
-    """A summed loss and how many units it covers (normalised by the caller).
+class TokenLogits:
+    """What ``LMM.forward`` returns: next-token logits at the positions a caller needs, and what they predict.
+
+    With labels, the positions are those that predict a label token (position ``t`` predicts token ``t + 1``), so
+    the largest tensor of a training step holds only those rows; without labels, every position.
 
     Attributes:
-        loss_sum: scalar, sum of the per-unit loss (per label token for cross-entropy, per pair for DPO).
-        num_tokens: number of units.
-        stats: further per-unit quantities, summed like the loss, that the training loop logs as step means
-            (``rewards/chosen``, ``logps/rejected``...).
+        logits: ``[N, V]`` one row per kept position, row-major over the batch.
+        kept: ``[B, P]`` bool, which positions the rows are (``P = T - 1`` with labels, ``T`` without).
+        targets: ``[N]`` the label token each row predicts; None without labels.
     """
 
-    loss_sum: torch.Tensor
-    num_tokens: int
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    logits: torch.Tensor
+    kept: torch.Tensor
+    targets: torch.Tensor | None = None
+
+    def dense(self) -> torch.Tensor:
+        """``[B, P, V]`` logits of a forward without labels (every position kept)."""
+        return self.logits.reshape(*self.kept.shape, self.logits.shape[-1])
 
 
 def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -101,7 +107,7 @@ class LMM(nn.Module):
         self.encoders = nn.ModuleDict()
         self.connectors = nn.ModuleDict()
         self.fusion_state = FusionState()  # media for fusion connectors' blocks during a forward
-        self.quantization = None  # the LLM's scales once quantized (mmpost.quant.compressed.QuantState)
+        self.quantization = None  # the LLM's scales once quantized (mmpost.model.quantized.QuantState)
         self._fusion_hooks: dict[str, list] = {}
         encoders, connectors = dict(encoders or {}), dict(connectors or {})
         if set(encoders) != set(connectors):
@@ -273,43 +279,23 @@ class LMM(nn.Module):
         media: Mapping[str, MediaBatch] | None = None,
         labels: torch.Tensor | None = None,
         media_repeat: int = 1,
-        logprobs: bool = False,
-        temperature: float = 1.0,
-        label_logits: bool = False,
-    ) -> LossOutput | torch.Tensor:
-        """With ``labels`` (aligned with ``input_ids``, -100 where ignored): summed next-token CE over the
-        label positions only, or with ``logprobs`` the label tokens' log-probabilities ``[B, T-1]`` (entry t
-        for token t + 1, 0 where unlabelled; logits divided by ``temperature`` first), or with
-        ``label_logits`` the logits ``[N, V]`` that predict the N label tokens, row by row. Without labels:
-        full logits ``[B, T, V]``. Logits are computed at label positions only. ``media_repeat`` as in
-        ``embed``.
+    ) -> TokenLogits:
+        """Next-token logits at the positions that predict a label token, or at every position without ``labels``.
 
-        One method serves every stage so that a distributed wrapper (DDP) sees each loss's forward.
+        Args:
+            labels: ``[B, T]`` aligned with ``input_ids``, ``IGNORE`` where no loss reads the token.
+            media_repeat: as in ``embed``.
+
+        Every loss of every stage reads this one output (``mmpost.losses``: cross-entropy, label log-probs,
+        distillation divergences), so a distributed wrapper (DDP) sees each loss's forward.
         """
         hidden = self.hidden_states(input_ids, attention_mask, media, media_repeat)
         if labels is None:
-            return self.logits_from_hidden(hidden)
+            kept = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)  # [B, T]
+            return TokenLogits(self.logits_from_hidden(hidden).flatten(0, 1), kept)
         targets = labels[:, 1:]  # position t predicts token t + 1
-        keep = targets != IGNORE  # [B, T-1]
-        logits = self.logits_from_hidden(hidden[:, :-1][keep])  # [N, V]
-        if label_logits:
-            return logits
-        if not logprobs:
-            return LossOutput(loss_sum=cross_entropy_sum(logits, targets[keep]), num_tokens=int(keep.sum()))
-        picked = (logits.float() / temperature).log_softmax(-1).gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
-        return torch.zeros(keep.shape, dtype=picked.dtype, device=picked.device).masked_scatter(keep, picked)
-
-    def token_logprobs(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        media: Mapping[str, MediaBatch] | None,
-        labels: torch.Tensor,
-        media_repeat: int = 1,
-        temperature: float = 1.0,
-    ) -> torch.Tensor:
-        """Log-probabilities of the label tokens ``[B, T-1]`` (``forward`` with ``logprobs=True``)."""
-        return self(input_ids, attention_mask, media, labels, media_repeat, logprobs=True, temperature=temperature)
+        kept = targets != IGNORE  # [B, T-1]
+        return TokenLogits(self.logits_from_hidden(hidden[:, :-1][kept]), kept, targets[kept])  # [N, V]
 
     @torch.no_grad()
     def generate(
@@ -346,8 +332,9 @@ class LMM(nn.Module):
         if self.base_llm.generation_config.eos_token_id is None:
             generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
         if num_samples > 1 and share_prefill:
-            return self._generate_shared(input_ids, attention_mask, embeds, fused, max_new_tokens, num_samples,
-                                         generate_kwargs)  # fmt: skip
+            return self._generate_shared(
+                input_ids, attention_mask, embeds, fused, max_new_tokens, num_samples, generate_kwargs
+            )
         if num_samples > 1:  # every prompt repeated G times and prefilled G times (transformers' own way)
             embeds = embeds.repeat_interleave(num_samples, dim=0)
             attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
@@ -394,7 +381,6 @@ class LMM(nn.Module):
         return has_lora(self.llm)
 
     def save(self, path, merge_lora: bool = False) -> None:
-        """Writes a self-describing directory (see ``mmpost.model.io``) that ``mmpost.load`` reads."""
-        from mmpost.model.io import save_lmm
+        """Writes a self-describing directory (see ``mmpost.model.format``) that ``mmpost.load`` reads."""
 
         save_lmm(self, path, merge_lora=merge_lora)

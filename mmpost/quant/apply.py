@@ -2,7 +2,7 @@
 
 The LLM's linear layers get float weights equal to their dequantized integers, so the model runs and
 evaluates as before and its logits are those a serving engine computes from the packed checkpoint;
-``model.quantization`` keeps the scales for saving (``mmpost.quant.compressed``). Encoders, connectors,
+``model.quantization`` keeps the scales for saving (``mmpost.model.quantized``). Encoders, connectors,
 embeddings and, by default, ``lm_head`` stay in float.
 
 GPTQ goes layer by layer: for decoder layer i, the calibration batches run through the whole LMM (media
@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 
 from mmpost.data.sample import Sample
 from mmpost.model.lmm import LMM
+from mmpost.model.lora import merge_adapters
+from mmpost.model.quantized import QuantState, selected_linears
 from mmpost.quant.calibrate import calibration_batches, layer_inputs
-from mmpost.quant.compressed import QuantState, selected_linears
 from mmpost.quant.methods import check_group_size, gptq, reconstruction_error, rtn
 from mmpost.quant.options import QuantizeOptions
 
@@ -97,7 +98,7 @@ def quantize(
     start = time.perf_counter()
     model.eval()
     if model.has_lora:
-        model.llm = model.llm.merge_and_unload()
+        model.llm = merge_adapters(model.llm)
         model.lora_config = None
     linears = selected_linears(model.base_llm, options.ignore)
     if not linears:
@@ -140,7 +141,7 @@ def run_gptq(
     if model.modalities and not text and not any(s.media for s in samples[: options.num_samples]):
         log.warning(NO_MEDIA_WARNING.format(modalities=", ".join(model.modalities)))
     batches = calibration_batches(model, samples, options.num_samples, options.batch_size, options.max_length, text)
-    report.samples = sum(len(b["ids"]) for b in batches)
+    report.samples = sum(len(b.ids) for b in batches)
     by_module = {id(m): name for name, m in linears.items()}
     done: set[str] = set()
     layers = model.base_llm.get_decoder().layers

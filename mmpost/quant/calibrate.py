@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from mmpost.config.schema import DataSourceConfig
+from mmpost.data.batches import ConversationBatch
 from mmpost.data.chat import Skipped
-from mmpost.data.loader import make_pipeline, read_source
+from mmpost.data.loader import read_source
+from mmpost.data.pipeline import ConversationPipeline
 from mmpost.data.sample import PLACEHOLDERS, Sample
 from mmpost.data.sources import iter_shards
 from mmpost.model.lmm import LMM
-from mmpost.training.evaluate import to_device
 
 log = logging.getLogger("mmpost")
 
@@ -40,9 +41,10 @@ def text_only(sample: Sample) -> Sample:
 
 def calibration_batches(
     model: LMM, samples: list[Sample], num_samples: int, batch_size: int, max_length: int, text: bool = False
-) -> list[dict]:
+) -> list[ConversationBatch]:
     """Collated full conversations (prompt and answer), the first ``num_samples`` usable ones."""
-    process, collate = make_pipeline(model, max_length, "train")
+    pipeline = ConversationPipeline.for_model(model, max_length)
+    process, collate = pipeline.process, pipeline.collate
     items = []
     for sample in samples:
         if len(items) == num_samples:
@@ -106,11 +108,11 @@ def layer_inputs(
     handles.append(layer.register_forward_hook(stop))
     try:
         for batch in batches:
-            batch = to_device(batch, device)
-            current["keep"] = batch["attention_mask"].bool()
-            current["media"] = torch.isin(batch["input_ids"], placeholder_ids.to(device)) & current["keep"]
+            batch = batch.to(device)
+            current["keep"] = batch.attention_mask.bool()
+            current["media"] = torch.isin(batch.input_ids, placeholder_ids.to(device)) & current["keep"]
             try:
-                model.hidden_states(batch["input_ids"], batch["attention_mask"], batch["media"])
+                model.hidden_states(batch.input_ids, batch.attention_mask, batch.media)
             except _Stop:
                 pass
     finally:

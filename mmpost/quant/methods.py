@@ -33,35 +33,9 @@ from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from compressed_tensors.quantization.quant_args import round_to_quantized_type_dtype
 from compressed_tensors.quantization.utils import calculate_qparams, calculate_range
 
+from mmpost.model.quantized import WeightScheme
+
 CHOLESKY_RETRIES = 3  # after the first try, each retry multiplies the dampening by 10
-
-
-@dataclass(frozen=True)
-class WeightScheme:
-    """How a weight is quantized: integer width, symmetry, and columns per scale (None: one scale per output row)."""
-
-    bits: int = 4
-    symmetric: bool = True
-    group_size: int | None = 64
-
-    def __post_init__(self) -> None:
-        if self.bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, got {self.bits}")
-        if self.group_size is not None and self.group_size < 1:
-            raise ValueError(f"group_size must be a positive integer or null (per-channel), got {self.group_size}")
-
-    def args(self) -> QuantizationArgs:
-        """The compressed-tensors quantization args of this scheme, as written into the checkpoint's config."""
-        if self.group_size is None:
-            return QuantizationArgs(num_bits=self.bits, type="int", symmetric=self.symmetric, strategy="channel")
-        return QuantizationArgs(
-            num_bits=self.bits, type="int", symmetric=self.symmetric, strategy="group", group_size=self.group_size
-        )
-
-    def describe(self) -> str:
-        """Short label for logs and reports, e.g. ``int4 sym g64`` or ``int8 asym per-channel``."""
-        layout = "per-channel" if self.group_size is None else f"g{self.group_size}"
-        return f"int{self.bits} {'sym' if self.symmetric else 'asym'} {layout}"
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Literal
 
 from mmpost.config.fields import ranged
 from mmpost.config.schema import DataSourceConfig
-from mmpost.quant.methods import WeightScheme
+from mmpost.model.quantized import WeightScheme
 
 
 @dataclass

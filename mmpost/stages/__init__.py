@@ -1,45 +1,24 @@
-"""Stages: one file each, with its options, its loss and what it needs from a batch.
-
-To add one, write a module here with a class whose constructor takes the stage's options and add
-one line below. Everything that runs a config builds its stage with ``build_stage``, so that the
-options under ``stage:`` reach the stage whichever command runs it.
+"""Stages: one module (or package, when it has pieces of its own) each, with its options, its loss and what it
+needs from a batch. The names are in ``mmpost.registry.STAGES``; everything that runs a config builds its stage
+with ``build_stage``, so the options under ``stage:`` reach the stage whichever command runs it.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING, Any
 
-from mmpost.registry import Registry
+from mmpost.config import to_dict
+from mmpost.registry import STAGES
 
 if TYPE_CHECKING:
     from mmpost.config import RunConfig
 
-STAGES = Registry("stage")
-STAGES.add("align", "mmpost.stages.align:Align")
-STAGES.add("sft", "mmpost.stages.sft:SFT")
-STAGES.add("dpo", "mmpost.stages.dpo:DPO")
-STAGES.add("grpo", "mmpost.stages.grpo:GRPO")
-STAGES.add("distill", "mmpost.stages.distill:Distill")
-
 
 def build_stage(cfg: RunConfig) -> Any:
-    """The stage ``cfg.stage`` names, constructed with the options given beside its name.
-
-    Raises:
-        RegistryError: if the stage name is unknown.
-        ValueError: if the stage rejects its options.
-    """
-    options = {k: v for k, v in cfg.stage.items() if k != "name"}
-    return STAGES.build(cfg.stage["name"], **options)
+    """The stage ``cfg.stage`` names, with its options (validated when the config was loaded)."""
+    return STAGES.get(cfg.stage.name)(cfg.stage)
 
 
 def stage_options(cfg: RunConfig) -> dict[str, Any]:
-    """Every option of the stage ``cfg.stage`` names: the config's values over its constructor's defaults.
-
-    Raises:
-        RegistryError: if the stage name is unknown.
-    """
-    params = inspect.signature(STAGES.get(cfg.stage["name"])).parameters
-    defaults = {name: p.default for name, p in params.items() if p.default is not p.empty}
-    return defaults | {k: v for k, v in cfg.stage.items() if k != "name"}
+    """Every option of the config's stage, defaults filled in (without its name)."""
+    return {k: v for k, v in to_dict(cfg.stage).items() if k != "name"}

@@ -7,23 +7,28 @@ their own learning rate through ``train.part_lr``.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from mmpost.config import RunConfig
-from mmpost.data.loader import read_source
-from mmpost.model.lmm import LMM
-from mmpost.train import fit
-from mmpost.training.run import build_model, start_run
+from mmpost.stages.supervised import train_on_conversations
+
+
+@dataclass
+class SFTOptions:
+    """``stage: sft`` has no options of its own."""
+
+    name: Literal["sft"] = "sft"
 
 
 class SFT:
     """Train connectors and LLM (or its LoRA adapters) on conversations."""
 
-    def default_trainable(self, model: LMM) -> list[str]:
-        return ["connectors", "llm.lora" if model.has_lora else "llm"]
+    Options = SFTOptions
+    trains = ("connectors", "llm")  # llm: the LoRA adapters when the model has them
+
+    def __init__(self, options: SFTOptions) -> None:
+        self.options = options
 
     def run(self, cfg: RunConfig, resume: bool = False, allow_changes: bool = False) -> dict[str, Any]:
-        samples = read_source(cfg.data.train, "data.train")  # a bad data file fails before the run directory exists
-        ctx = start_run(cfg, resume, allow_changes)
-        model = build_model(ctx)
-        return fit(ctx, model, cfg.train.trainable or self.default_trainable(model), samples=samples)
+        return train_on_conversations(cfg, resume, allow_changes, self.trains)

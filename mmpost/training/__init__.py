@@ -1,2 +1,2 @@
 """Plumbing shared by every stage, as plain functions: accelerator, parts and optimizer, checkpoints,
-metrics, evaluation. The loop itself is ``mmpost.train.fit``."""
+metrics, evaluation. The loop itself is ``mmpost.training.loop``."""

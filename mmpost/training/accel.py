@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import torch
 from accelerate import Accelerator
@@ -45,13 +44,12 @@ def make_accelerator(train: TrainConfig) -> Accelerator:
     return accelerator
 
 
-def allow_unused_parameters(accelerator: Accelerator, parts: Sequence[str], modalities: int) -> None:
+def allow_unused_parameters(accelerator: Accelerator, trains_encoders: bool, modalities: int) -> None:
     """Tells DDP, before it wraps the model, when some trained weights may get no gradient in a step;
     otherwise it waits for those gradients forever.
 
     That happens when encoders train (layers past the feature layer, post-norms) and when a model has
     several modalities (a batch without one modality's media leaves its connector without gradient).
     """
-    trains_encoders = any(part.startswith("encoders") for part in parts)
     if trains_encoders or modalities > 1:
         accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)

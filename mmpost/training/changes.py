@@ -24,11 +24,33 @@ from typing import Any
 
 from mmpost.config import RunConfig, load_config, to_dict
 
-FREE = ("out", "train.log_every", "train.save_every", "train.keep_checkpoints", "train.eval_every",
-        "train.gradient_checkpointing", "data.num_workers", "data.max_bad_fraction", "data.eval", "eval")  # fmt: skip
-ADJUSTABLE = ("train.lr", "train.part_lr.", "train.weight_decay", "train.warmup_ratio", "train.schedule",
-              "train.max_steps", "train.epochs", "train.batch_size", "train.grad_accum", "train.max_grad_norm",
-              "train.precision", "data.max_length", "stage.")  # fmt: skip
+FREE = (
+    "out",
+    "train.log_every",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.eval_every",
+    "train.gradient_checkpointing",
+    "data.num_workers",
+    "data.max_bad_fraction",
+    "data.eval",
+    "eval",
+)
+ADJUSTABLE = (
+    "train.lr",
+    "train.part_lr.",
+    "train.weight_decay",
+    "train.warmup_ratio",
+    "train.schedule",
+    "train.max_steps",
+    "train.epochs",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.max_grad_norm",
+    "train.precision",
+    "data.max_length",
+    "stage.",
+)
 REASONS = {
     "model.": "the model comes from the checkpoint",
     "from": "the model comes from the checkpoint",
@@ -89,16 +111,18 @@ def changed_settings(checkpoint: Path, cfg: RunConfig, allow: bool) -> dict[str,
     if fixed:
         why = "\n".join(f"  {k}: {reason}" for k, reason in fixed.items())
         raise ResumeMismatch(
-            f"--resume from {checkpoint}: settings differ from the checkpoint's:\n" + "\n".join(lines) +
-            f"\nthese cannot change when resuming:\n{why}\nrestore them, or start a new run `from:` the checkpoint's "
+            f"--resume from {checkpoint}: settings differ from the checkpoint's:\n"
+            + "\n".join(lines)
+            + f"\nthese cannot change when resuming:\n{why}\nrestore them, or start a new run `from:` the checkpoint's "
             "model"
-        )  # fmt: skip
+        )
     if not allow:
         raise ResumeMismatch(
-            f"--resume from {checkpoint}: settings that shape training differ from the checkpoint's:\n" +
-            "\n".join(lines) + "\nrestore them to continue the same run, or pass --allow-changes to apply them from "
+            f"--resume from {checkpoint}: settings that shape training differ from the checkpoint's:\n"
+            + "\n".join(lines)
+            + "\nrestore them to continue the same run, or pass --allow-changes to apply them from "
             "the checkpoint's step on (the schedule is rebuilt with the new values; see `mmpost train --help`)"
-        )  # fmt: skip
+        )
     return diff
 
 
@@ -118,8 +142,12 @@ def rebuild_schedule(optimizer, scheduler, fresh: list[dict[str, float]]) -> Non
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def convert_position(state: dict[str, int], old_batch: int, new_batch: int, processes: int) -> None:
+def convert_position(state, old_batch: int, new_batch: int, processes: int) -> None:
     """Keeps the data position in samples when the per-process batch size changes: the new position is the first
-    batch that starts at or before the samples already drawn in this epoch (at most one batch is seen twice)."""
-    drawn = state["batch"] * old_batch * processes
-    state["batch"] = drawn // (new_batch * processes)
+    batch that starts at or before the samples already drawn in this epoch (at most one batch is seen twice).
+
+    Args:
+        state: the loop state (``LoopState``) of the resumed checkpoint, changed in place.
+    """
+    drawn = state.batch * old_batch * processes
+    state.batch = drawn // (new_batch * processes)

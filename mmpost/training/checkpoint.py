@@ -210,8 +210,14 @@ def verify_checkpoint(checkpoint: Path) -> None:
         verify_manifest(checkpoint / MODEL_DIR, "checkpoint model")
     except DamagedFileError as err:
         others = [p.name for _, p in step_checkpoints(checkpoint.parent.parent) if p != checkpoint]
-        hint = (f"; earlier checkpoints: {', '.join(others)} (move {checkpoint.name} aside to resume from the latest "
-                "of them)") if others else ""  # fmt: skip
+        hint = (
+            (
+                f"; earlier checkpoints: {', '.join(others)} (move {checkpoint.name} aside to resume from the latest "
+                "of them)"
+            )
+            if others
+            else ""
+        )
         raise DamagedFileError(f"{err}{hint}") from None
 
 

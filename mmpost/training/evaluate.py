@@ -1,52 +1,106 @@
-"""Held-out evaluation: token loss, and exact-match accuracy of greedy answers.
+"""Held-out evaluation of conversation stages: token loss, and accuracy of greedy answers.
 
-Each process evaluates its shard of the held-out set; sums are reduced across processes.
+Each process evaluates its shard of the held-out set; sums are reduced across processes. An answer is right
+when it equals the reference by ``mmpost.answers`` (the rule GRPO's accuracy reward uses too).
 """
 
 from __future__ import annotations
 
-import re
+import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from accelerate.utils import send_to_device
 
+from mmpost.answers import completion_answers
+from mmpost.data.batches import ConversationBatch, PromptBatch
+from mmpost.data.loader import make_loader, read_source
+from mmpost.data.pipeline import ConversationPipeline, Pipeline, PromptPipeline
+from mmpost.data.sample import DataError, Sample
+from mmpost.losses.ce import cross_entropy_sum
 from mmpost.model.lmm import LMM
+from mmpost.training.context import RunContext
+from mmpost.training.trainable import set_train_mode
+
+log = logging.getLogger("mmpost")
 
 
-def normalize_answer(text: str) -> str:
-    """Lower-cased, outer whitespace and trailing punctuation removed, inner whitespace collapsed."""
-    return re.sub(r"\s+", " ", text.strip().lower()).rstrip(".!?;: ")
+def read_held_out(ctx: RunContext) -> list[Sample] | None:
+    """The first ``eval.max_samples`` samples of ``data.eval``, or None when there is no held-out set."""
+    cfg = ctx.cfg
+    if cfg.data.eval is None:
+        return None
+    samples = read_source(cfg.data.eval, "data.eval")
+    if samples is None:
+        raise DataError("data.eval must be a .json / .jsonl file (held-out sets are read whole)")
+    return samples[: cfg.eval.max_samples]
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    out = dict(batch)
-    for key in ("input_ids", "attention_mask", "labels"):
-        out[key] = batch[key].to(device)
-    out["media"] = send_to_device(batch["media"], device)  # tensors, or dicts of them for audio
-    return out
+def held_out_loader(ctx: RunContext, samples: list[Sample], pipeline: Pipeline):
+    """This process's share of the held-out samples, in order, as ``pipeline``'s batches."""
+    acc, cfg = ctx.accelerator, ctx.cfg
+    loader, _ = make_loader(
+        samples,
+        pipeline,
+        batch_size=cfg.eval.batch_size,
+        rank=acc.process_index,
+        world=acc.num_processes,
+        seed=cfg.seed,
+        num_workers=cfg.data.num_workers,
+    )
+    return loader
+
+
+class Evaluator:
+    """Held-out loss and generation accuracy on ``data.eval``, sharded across processes."""
+
+    def __init__(self, ctx: RunContext, model: LMM) -> None:
+        self.ctx = ctx
+        samples = read_held_out(ctx)
+        self.enabled = samples is not None
+        if not self.enabled:
+            return
+        max_length = ctx.cfg.data.max_length
+        self.tasks = sorted({str(s.meta.get("task", "")) for s in samples} - {""})
+        self.loss_loader = held_out_loader(ctx, samples, ConversationPipeline.for_model(model, max_length))
+        self.gen_loader = held_out_loader(
+            ctx, samples, PromptPipeline.for_model(model, max_length, need_reference=True)
+        )
+
+    def __call__(self, model: LMM, step: int) -> dict[str, Any]:
+        if not self.enabled:
+            return {}
+        cfg, acc = self.ctx.cfg, self.ctx.accelerator
+        model.eval()
+        record: dict[str, Any] = {"step": step, "eval/loss": eval_loss(model, self.loss_loader, acc)}
+        if cfg.eval.accuracy:
+            accuracy, examples = eval_accuracy(model, self.gen_loader, acc, cfg.eval.max_new_tokens, self.tasks)
+            record |= accuracy
+            log.info("step %d examples: %s", step, examples)
+        set_train_mode(model)
+        return record
 
 
 @torch.no_grad()
-def eval_loss(model: LMM, batches: Iterable[dict[str, Any]], accelerator) -> float:
+def eval_loss(model: LMM, batches: Iterable[ConversationBatch], accelerator) -> float:
     """Mean token cross-entropy over the held-out answers (all processes' tokens weigh equally)."""
     totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for batch in batches:
-        if not batch["ids"]:
+        if batch.empty:
             continue
-        batch = to_device(batch, accelerator.device)
+        batch = batch.to(accelerator.device)
         with accelerator.autocast():
-            out = model(batch["input_ids"], batch["attention_mask"], batch["media"], labels=batch["labels"])
-        totals += torch.tensor([out.loss_sum.item(), out.num_tokens], dtype=torch.float64, device=totals.device)
+            out = model(batch.input_ids, batch.attention_mask, batch.media, labels=batch.labels)
+        loss_sum = cross_entropy_sum(out.logits, out.targets)
+        totals += torch.tensor([loss_sum.item(), out.targets.numel()], dtype=torch.float64, device=totals.device)
     totals = accelerator.reduce(totals, reduction="sum")
     return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
 
 
 @torch.no_grad()
 def eval_accuracy(
-    model: LMM, batches: Iterable[dict[str, Any]], accelerator, max_new_tokens: int, tasks: Sequence[str] = ()
+    model: LMM, batches: Iterable[PromptBatch], accelerator, max_new_tokens: int, tasks: Sequence[str] = ()
 ) -> tuple[dict[str, float], list[dict[str, str]]]:
     """Greedy answers vs. references: overall and per-task accuracy, plus a few examples.
 
@@ -56,14 +110,14 @@ def eval_accuracy(
     hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     examples = []
     for batch in batches:
-        if not batch["ids"]:
+        if batch.empty:
             continue
-        batch = to_device(batch, accelerator.device)
+        batch = batch.to(accelerator.device)
         with accelerator.autocast():
-            new = model.generate(batch["input_ids"], batch["attention_mask"], batch["media"], max_new_tokens)
+            new = model.generate(batch.input_ids, batch.attention_mask, batch.media, max_new_tokens)
         answers = model.tokenizer.batch_decode(new, skip_special_tokens=True)
-        for answer, reference, task in zip(answers, batch["references"], batch["tasks"], strict=True):
-            ok = int(normalize_answer(answer) == normalize_answer(reference))
+        for answer, reference, task in zip(answers, batch.references, batch.tasks, strict=True):
+            ok = int(completion_answers(answer, reference))
             for key in ("", task) if task else ("",):
                 hits[key][0] += ok
                 hits[key][1] += 1

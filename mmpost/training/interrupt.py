@@ -40,8 +40,10 @@ class Interrupted(Exception):
     def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name} after step {step}; checkpoint written to {checkpoint}; continue the "
-                         "run with the same command and --resume")  # fmt: skip
+        super().__init__(
+            f"stopped by {name} after step {step}; checkpoint written to {checkpoint}; continue the "
+            "run with the same command and --resume"
+        )
 
     @property
     def exit_code(self) -> int:
@@ -79,8 +81,10 @@ class StopOnSignal:
         now = time.monotonic()
         if self.signum is None:
             self.signum, self.first_at = signum, now
-            log.warning("%s: finishing this optimizer step and writing a checkpoint; send it again to abort at once",
-                        signal.Signals(signum).name)  # fmt: skip
+            log.warning(
+                "%s: finishing this optimizer step and writing a checkpoint; send it again to abort at once",
+                signal.Signals(signum).name,
+            )
             return
         if launched_by_agent() and now - self.first_at < REPEAT_WINDOW_S:
             return  # the launcher forwarding the same request

@@ -27,10 +27,10 @@ import numpy as np
 import soundfile
 from tqdm import tqdm
 
-from mmpost.data.synth_files import Drawn, balanced, write_json, write_jsonl, write_shards
+from mmpost.synthetic.files import Drawn, balanced, write_json, write_jsonl, write_shards
 
 if TYPE_CHECKING:
-    from mmpost.data.synth import Scene
+    from mmpost.synthetic.scenes import Scene
 
 SAMPLE_RATE = 16_000
 PITCHES: dict[str, float] = {"low": 300.0, "middle": 700.0, "high": 1600.0}  # Hz

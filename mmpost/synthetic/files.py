@@ -1,4 +1,4 @@
-"""File writing shared by the synthetic data generators (``synth.py``, ``synth_audio.py``, ``synth_rl.py``).
+"""File writing shared by the synthetic data generators (``write.py``, ``audio.py``, ``rl.py``).
 
 Everything here writes deterministic bytes: JSON with a fixed layout, tar shards with ``mtime=0`` and
 pre-encoded entries. ``clear_previous`` removes an earlier output by its manifest, so a smaller or

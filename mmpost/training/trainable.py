@@ -1,4 +1,5 @@
-"""What trains: freezing by part name, a table of trainable parameters, and per-part optimizer groups."""
+"""What trains, in one place: the parts a stage trains by default or as configured, freezing by part name, a
+table of trainable parameters, train / eval modes, and the optimizer with per-part learning rates."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from transformers import get_scheduler
 
 from mmpost.config.schema import TrainConfig
 from mmpost.model.lmm import LMM
+from mmpost.model.lora import adapter_parameters
 
 
 class PartError(ValueError):
@@ -36,12 +38,27 @@ def part_params(model: LMM, part: str) -> Iterator[tuple[str, nn.Parameter]]:
     elif part == "llm.lora":
         if not model.has_lora:
             raise PartError("train.trainable names llm.lora but the model has no LoRA adapters (model.lora.r is 0)")
-        for name, p in model.llm.named_parameters():
-            if "lora_" in name:
-                yield f"llm.{name}", p
+        for name, p in adapter_parameters(model.llm):
+            yield f"llm.{name}", p
     else:
         for name, p in model.llm.named_parameters():
             yield f"llm.{name}", p
+
+
+def resolve_parts(configured: Sequence[str] | None, default: Sequence[str], model: LMM) -> list[str]:
+    """The parts a stage trains: ``train.trainable`` when set, else the stage's ``default``, in which ``llm`` means
+    the LoRA adapters (``llm.lora``) when the model has them."""
+    if configured:
+        return list(configured)
+    return ["llm.lora" if part == "llm" and model.has_lora else part for part in default]
+
+
+def trains_encoders(parts: Sequence[str]) -> bool:
+    return any(part.startswith("encoders") for part in parts)
+
+
+def trains_only_adapters(parts: Sequence[str], model: LMM) -> bool:
+    return model.has_lora and set(parts) <= {"llm.lora"}
 
 
 def apply_trainable(model: LMM, parts: Sequence[str]) -> str:

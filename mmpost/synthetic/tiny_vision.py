@@ -195,7 +195,7 @@ def pretrain_tiny_tower(
     from tqdm.auto import tqdm
     from transformers import AutoImageProcessor, AutoModel
 
-    from mmpost.data.synth import COLOURS, SHAPES, draw_scene
+    from mmpost.synthetic.scenes import COLOURS, SHAPES, draw_scene
 
     tower_dir = Path(tower_dir)
     torch.manual_seed(seed)

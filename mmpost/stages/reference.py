@@ -21,18 +21,13 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from mmpost.interfaces import MediaBatch
+from mmpost.losses.ce import label_logprobs
 from mmpost.model.lmm import LMM
-from mmpost.training.run import RunContext, build_model
+from mmpost.model.lora import adapters_are_fresh, adapters_off
+from mmpost.training.context import RunContext, build_model
+from mmpost.training.trainable import trains_only_adapters
 
 log = logging.getLogger("mmpost")
-
-
-def adapters_are_fresh(model: LMM) -> bool:
-    """True when the model has LoRA adapters that do not change it yet (every ``lora_B`` is zero)."""
-    if not model.has_lora:
-        return False
-    b_weights = [p for name, p in model.llm.named_parameters() if "lora_B" in name]
-    return bool(b_weights) and all(not p.detach().any() for p in b_weights)
 
 
 class Reference:
@@ -59,17 +54,17 @@ class Reference:
     ) -> torch.Tensor:
         """``[B, T-1]`` label-token log-probs under the reference (``policy`` is the unwrapped policy)."""
         model = policy if self.copy is None else self.copy
-        off = policy.llm.disable_adapter() if self.copy is None else contextlib.nullcontext()
+        off = adapters_off(policy.llm) if self.copy is None else contextlib.nullcontext()
         with off:
-            return model.token_logprobs(input_ids, attention_mask, media, labels, media_repeat, temperature)
+            out = model(input_ids, attention_mask, media, labels, media_repeat)
+        return label_logprobs(out.logits, out.targets, out.kept, temperature)
 
 
 def make_reference(ctx: RunContext, model: LMM, parts: Sequence[str]) -> Reference:
     """The reference for a stage training ``parts`` of ``model`` (before ``accelerator.prepare``)."""
-    only_adapters = set(parts) <= {"llm.lora"}
-    if only_adapters and model.has_lora:
+    if trains_only_adapters(parts, model):
         start = model if ctx.checkpoint is None else _starting_model(ctx)
-        if adapters_are_fresh(start):
+        if adapters_are_fresh(start.llm):
             log.info("reference: the policy with its LoRA adapters disabled (no copy)")
             return Reference(None)
         log.info("reference: a frozen copy (the LoRA adapters were trained before this stage)")

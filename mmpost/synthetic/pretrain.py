@@ -24,7 +24,7 @@ Draw = Callable[[random.Random], tuple[Any, dict[str, int]]]
 
 def draw_shapes(image_size: int = 64) -> tuple[Draw, dict[str, int]]:
     """A drawer of synthetic shape images and its attributes' class counts (colour, shape, count)."""
-    from mmpost.data.synth import COLOURS, SHAPES, draw_scene
+    from mmpost.synthetic.scenes import COLOURS, SHAPES, draw_scene
 
     colours, shapes = sorted(COLOURS), sorted(SHAPES)
 
@@ -38,7 +38,7 @@ def draw_shapes(image_size: int = 64) -> tuple[Draw, dict[str, int]]:
 
 def draw_beeps() -> tuple[Draw, dict[str, int]]:
     """A drawer of synthetic tone clips and its attributes' class counts (pitch, length, beeps)."""
-    from mmpost.data.synth_audio import LENGTHS, PITCHES, SAMPLE_RATE, draw_tones
+    from mmpost.synthetic.audio import LENGTHS, PITCHES, SAMPLE_RATE, draw_tones
 
     pitches, lengths = list(PITCHES), list(LENGTHS)
 

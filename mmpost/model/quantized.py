@@ -17,7 +17,36 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmpost.quant.methods import WeightScheme
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """How a weight is quantized: integer width, symmetry, and columns per scale (None: one scale per output row)."""
+
+    bits: int = 4
+    symmetric: bool = True
+    group_size: int | None = 64
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {self.bits}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be a positive integer or null (per-channel), got {self.group_size}")
+
+    def args(self):
+        """The compressed-tensors ``QuantizationArgs`` of this scheme, as written into the checkpoint's config."""
+        from compressed_tensors.quantization import QuantizationArgs
+
+        if self.group_size is None:
+            return QuantizationArgs(num_bits=self.bits, type="int", symmetric=self.symmetric, strategy="channel")
+        return QuantizationArgs(
+            num_bits=self.bits, type="int", symmetric=self.symmetric, strategy="group", group_size=self.group_size
+        )
+
+    def describe(self) -> str:
+        """Short label for logs and reports, e.g. ``int4 sym g64`` or ``int8 asym per-channel``."""
+        layout = "per-channel" if self.group_size is None else f"g{self.group_size}"
+        return f"int{self.bits} {'sym' if self.symmetric else 'asym'} {layout}"
+
 
 PACKED_SUFFIXES = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_g_idx")
 

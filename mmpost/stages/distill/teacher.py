@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from mmpost.data.batches import ConversationBatch
 from mmpost.data.chat import Skipped
-from mmpost.data.dataset import Collator, SampleProcessor
-from mmpost.data.loader import make_pipeline
+from mmpost.data.pipeline import ConversationPipeline, Item
 from mmpost.data.sample import Sample
-from mmpost.model.io import load_lmm, resolve_model_dir
+from mmpost.model.build import load_lmm
+from mmpost.model.format import resolve_model_dir
 from mmpost.model.lmm import LMM
-from mmpost.training.evaluate import to_device
+from mmpost.model.lora import merge_adapters
 
 log = logging.getLogger("mmpost")
 
@@ -56,25 +57,43 @@ def reads_alike(teacher: LMM, student: LMM) -> bool:
     return True
 
 
+@dataclass(kw_only=True)
+class DistillBatch(ConversationBatch):
+    """The student's conversations, and the same samples prepared for a teacher that reads media otherwise.
+
+    Attributes:
+        teacher: the teacher's batch (same samples, same answer tokens), or None when it reads the student's.
+    """
+
+    teacher: ConversationBatch | None = None
+
+
+@dataclass
+class TeacherItem:
+    student: Item
+    teacher: Item
+
+
 class TeacherPipeline:
-    """Prepares each sample for the student and for the teacher; the teacher's batch rides in ``batch["teacher"]``."""
+    """Prepares each sample for the student and for the teacher; collates ``DistillBatch`` es."""
 
-    def __init__(self, student: tuple[SampleProcessor, Collator], teacher: tuple[SampleProcessor, Collator]) -> None:
-        (self.process_s, self.collate_s), (self.process_t, self.collate_t) = student, teacher
+    def __init__(self, student: ConversationPipeline, teacher: ConversationPipeline | None) -> None:
+        self.student, self.teacher = student, teacher
 
-    def process(self, sample: Sample) -> dict[str, Any] | Skipped:
-        item = self.process_s(sample)
-        if isinstance(item, Skipped):
+    def process(self, sample: Sample) -> Item | TeacherItem | Skipped:
+        item = self.student.process(sample)
+        if isinstance(item, Skipped) or self.teacher is None:
             return item
-        teacher_item = self.process_t(sample)
-        if isinstance(teacher_item, Skipped):
-            return Skipped(teacher_item.where, f"for the teacher: {teacher_item.reason}")
-        return {**item, "teacher": teacher_item}
+        theirs = self.teacher.process(sample)
+        if isinstance(theirs, Skipped):
+            return Skipped(theirs.where, f"for the teacher: {theirs.reason}")
+        return TeacherItem(item, theirs)
 
-    def collate(self, items: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
-        batch = self.collate_s(items)
-        batch["teacher"] = self.collate_t([x["teacher"] for x in items if not isinstance(x, Skipped)])
-        return batch
+    def collate(self, items: Sequence[Item | TeacherItem | Skipped]) -> DistillBatch:
+        mine = [x.student if isinstance(x, TeacherItem) else x for x in items]
+        theirs = [x.teacher for x in items if isinstance(x, TeacherItem)]
+        teacher = self.teacher.collate(theirs) if self.teacher is not None else None
+        return DistillBatch(**self.student.common(mine, side="right"), teacher=teacher)
 
 
 class Teacher:
@@ -91,21 +110,21 @@ class Teacher:
         self.vocab = len(student.tokenizer)
         self.shares_batches = reads_alike(model, student)
 
-    def pipeline(self, student: LMM, max_length: int, mode: str) -> TeacherPipeline | None:
-        """The data pipeline that prepares samples for both models, or None when the student's batch will do."""
-        if self.shares_batches:
-            return None
-        return TeacherPipeline(make_pipeline(student, max_length, mode), make_pipeline(self.model, max_length, mode))
+    def pipeline(self, student: LMM, max_length: int) -> TeacherPipeline:
+        """The data pipeline of the student's conversations, preparing them for the teacher too when it does
+        not read the student's batches."""
+        theirs = None if self.shares_batches else ConversationPipeline.for_model(self.model, max_length)
+        return TeacherPipeline(ConversationPipeline.for_model(student, max_length), theirs)
 
     @torch.no_grad()
-    def logits(self, batch: dict[str, Any], num_tokens: int) -> torch.Tensor:
+    def logits(self, batch: DistillBatch, num_tokens: int) -> torch.Tensor:
         """``[N, V]`` teacher logits predicting the batch's N answer tokens (rows as the student's)."""
-        mine = batch if self.shares_batches else to_device(batch["teacher"], batch["input_ids"].device)
-        logits = self.model(mine["input_ids"], mine["attention_mask"], mine["media"], mine["labels"], label_logits=True)
+        mine = batch if batch.teacher is None else batch.teacher.to(batch.input_ids.device)
+        logits = self.model(mine.input_ids, mine.attention_mask, mine.media, mine.labels).logits
         if logits.shape[0] != num_tokens:
             raise ValueError(
                 f"the teacher sees {logits.shape[0]} answer tokens where the student sees {num_tokens} in samples "
-                f"{batch['ids']}: a sequence was cut at data.max_length for one of them; raise data.max_length"
+                f"{batch.ids}: a sequence was cut at data.max_length for one of them; raise data.max_length"
             )
         return logits[:, : self.vocab].float()
 
@@ -114,8 +133,7 @@ def load_teacher(path: str | Path, student: LMM, device: torch.device) -> Teache
     """The teacher saved at ``path`` (a model directory or a run), in bfloat16 on a GPU and float32 on CPU."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_lmm(resolve_model_dir(path, what="stage.teacher"), dtype=dtype)
-    if model.has_lora:
-        model.llm = model.llm.merge_and_unload()
+    model.llm = merge_adapters(model.llm)
     teacher = Teacher(model, student, device)
     log.info("teacher %s (%s), %s the student's batches", path, dtype, "reads" if teacher.shares_batches else "not")
     return teacher

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from mmpost.interfaces import MediaBatch
+from mmpost.data.batches import PromptBatch
+from mmpost.interfaces import IGNORE, MediaBatch
 from mmpost.losses.grpo import group_advantages
-from mmpost.model.lmm import IGNORE, LMM
+from mmpost.model.completions import completion_mask, eos_token_ids
+from mmpost.model.lmm import LMM
 from mmpost.rewards import RewardSet
 
 
@@ -25,7 +27,7 @@ class Rollout:
     Attributes:
         input_ids: ``[P*G, T_p + L]`` left-padded prompt followed by the completion (padded on the right).
         attention_mask: ``[P*G, T_p + L]`` 1 on prompt and completion tokens (through the end-of-sequence token).
-        labels: ``[P*G, T_p + L]`` completion tokens, ``-100`` elsewhere.
+        labels: ``[P*G, T_p + L]`` completion tokens, ``IGNORE`` elsewhere.
         media: the prompts' media, once per prompt.
         advantages: ``[P*G]`` group-normalised advantages.
         rewards: ``[P*G]`` weighted reward totals; ``per_function``: each reward function's raw values.
@@ -48,27 +50,10 @@ class Rollout:
     counted: bool = True
 
 
-def completion_mask(completions: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
-    """``[N, L]`` True on each completion's tokens up to and including its first end-of-sequence token."""
-    is_eos = torch.zeros_like(completions, dtype=torch.bool)
-    for eos in eos_ids:
-        is_eos |= completions == eos
-    length = completions.shape[1]
-    first = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), torch.full_like(completions[:, 0], length))
-    return torch.arange(length, device=completions.device) <= first.unsqueeze(-1)  # [N, L]
-
-
-def eos_token_ids(model: LMM) -> set[int]:
-    configured = model.base_llm.generation_config.eos_token_id
-    if configured is None:
-        configured = model.tokenizer.eos_token_id
-    return set(configured) if isinstance(configured, list) else {int(configured)}
-
-
 @torch.no_grad()
 def sample_and_score(
     model: LMM,
-    batch: dict,
+    batch: PromptBatch,
     rewards: RewardSet,
     group_size: int,
     max_completion_length: int,
@@ -77,18 +62,24 @@ def sample_and_score(
     share_prefill: bool,
     scale_rewards: bool,
 ) -> Rollout:
-    """Samples ``group_size`` completions per prompt of ``batch`` (a "prompt"-mode batch), scores them and
-    returns the training rows."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+    """Samples ``group_size`` completions per prompt of ``batch``, scores them and returns the training rows."""
+    ids, mask = batch.input_ids, batch.attention_mask
     completions = model.generate(
-        ids, mask, batch["media"], max_new_tokens=max_completion_length, num_samples=group_size,
-        share_prefill=share_prefill, do_sample=True, temperature=temperature, top_p=top_p,
-    )  # fmt: skip  # [P*G, L]
+        ids,
+        mask,
+        batch.media,
+        max_new_tokens=max_completion_length,
+        num_samples=group_size,
+        share_prefill=share_prefill,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+    )  # [P*G, L]
     done = completion_mask(completions, eos_token_ids(model))  # [P*G, L]
     texts = [
         model.tokenizer.decode(row[keep], skip_special_tokens=True) for row, keep in zip(completions, done, strict=True)
     ]
-    fields = [f for f in batch["fields"] for _ in range(group_size)]
+    fields = [f for f in batch.fields for _ in range(group_size)]
     total, per_function = rewards(texts, fields)
     total = total.to(ids.device)
     advantages, zero_variance = group_advantages(total, group_size, scale=scale_rewards)
@@ -101,7 +92,7 @@ def sample_and_score(
         input_ids=torch.cat([prompt_ids, torch.where(done, completions, torch.full_like(completions, pad))], 1),
         attention_mask=torch.cat([prompt_mask, done.long()], 1),
         labels=torch.cat([prompt_labels, completion_labels], 1),
-        media=batch["media"],
+        media=batch.media,
         advantages=advantages,
         rewards=total,
         per_function=per_function,

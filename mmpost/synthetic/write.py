@@ -1,22 +1,16 @@
 """The built-in synthetic data set: coloured shapes (and tones), written in every file format the readers take.
 
 Every stage needs data on a machine with no network, and a task whose answer can be checked, so this module
-draws small images of 1-3 shapes of one type (circle / square / triangle) and one colour (red / green / blue /
-yellow) and writes:
+draws small images of shapes (``scenes.py``) and writes:
 
 - caption data for ``align`` in the format of LLaVA's ``blip_laion_cc_sbu_558k.json``;
 - instruction data for ``sft`` in the format of LLaVA's ``llava_v1_5_mix665k.json``, and the same samples
   again as webdataset shards;
 - held-out questions (colour, shape, count; balanced) in the ``messages`` JSONL format, with the answer kept
   as ``task`` / ``answer`` fields for evaluation, and held-out captions;
-- preference pairs for ``dpo`` and counting prompts with checkable answers for ``grpo`` (``synth_rl.py``).
+- preference pairs for ``dpo`` and counting prompts with checkable answers for ``grpo`` (``rl.py``).
 
-Shapes sit in distinct cells of a 3x3 grid with a little jitter in size and position and at least one
-background pixel between cells, so they never overlap or touch and a count is unambiguous; colours are
-saturated and far apart so the colour word is too. Drawing uses PIL without antialiasing, so every pixel is
-either the background or the shape's exact colour (``COLOURS``), which the tests rely on.
-
-With ``modalities=("image", "audio")`` it also writes the tone clips of ``synth_audio.py`` and samples that
+With ``modalities=("image", "audio")`` it also writes the tone clips of ``audio.py`` and samples that
 pair an image with a clip; the image files stay what an image-only run writes.
 
 Output is a function of the arguments only: one ``random.Random`` per stream (train images, held-out
@@ -29,25 +23,15 @@ from __future__ import annotations
 import io
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from mmpost.data import synth_audio, synth_rl
-from mmpost.data.synth_files import MANIFEST, Drawn, balanced, clear_previous, write_json, write_jsonl, write_shards
-
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 0, 0),
-    "green": (0, 170, 0),
-    "blue": (0, 0, 230),
-    "yellow": (250, 210, 0),
-}
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-TASKS: tuple[str, ...] = ("colour", "shape", "count")
-NUMBER_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three"}
+from mmpost.synthetic import audio as synth_audio
+from mmpost.synthetic import rl as synth_rl
+from mmpost.synthetic.files import MANIFEST, Drawn, balanced, clear_previous, write_json, write_jsonl, write_shards
+from mmpost.synthetic.scenes import COLOURS, NUMBER_WORDS, SHAPES, TASKS, Scene, draw_scene
 
 _ROLES = {"human": "user", "gpt": "assistant"}  # LLaVA speakers -> messages roles, for the shard jsons
 FORMAT_VERSION = 1
@@ -60,81 +44,6 @@ _CAPTION_PROMPTS = (
     "What does this image show? Answer in a few words.",
     "Provide a short caption for the image.",
 )
-# Singular phrasings for one shape, plural for several, so every question reads as correct English.
-_QUESTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "colour": (
-        ("What colour is the shape?", "What color is the shape?", "Which colour is the shape?"),
-        ("What colour are the shapes?", "What color are the shapes?", "Which colour are the shapes?"),
-    ),
-    "shape": (
-        ("What shape is it?", "Which shape is shown?"),
-        ("What shape are they?", "Which shape is shown?"),
-    ),
-    "count": (
-        ("How many shapes are there?", "How many shapes are in the image?"),
-        ("How many shapes are there?", "How many shapes are in the image?"),
-    ),
-}
-
-
-@dataclass(frozen=True)
-class Scene:
-    """What one synthetic image shows: ``count`` shapes, all of type ``shape`` and colour ``colour``."""
-
-    shape: str
-    colour: str
-    count: int
-
-    def caption(self) -> str:
-        plural = "s" if self.count > 1 else ""
-        return f"{NUMBER_WORDS[self.count]} {self.colour} {self.shape}{plural}."
-
-    def answer(self, task: str) -> str:
-        """The short answer key of ``task``: ``"red"``, ``"circle"`` or ``"2"``."""
-        return {"colour": self.colour, "shape": self.shape, "count": str(self.count)}[task]
-
-    def reply(self, task: str) -> str:
-        """The assistant's reply: a capitalised word with a period, or a digit."""
-        return str(self.count) if task == "count" else f"{self.answer(task).capitalize()}."
-
-    def question(self, task: str, rng: random.Random) -> str:
-        return rng.choice(_QUESTIONS[task][self.count > 1])
-
-
-def draw_scene(rng: random.Random, image_size: int = 64) -> tuple[Scene, Image.Image]:
-    """Draws one random scene.
-
-    Args:
-        rng: the only source of randomness, so a seeded ``rng`` gives the same image every time.
-        image_size: width and height in pixels (at least 32).
-
-    Returns:
-        The scene and its RGB image.
-    """
-    scene = Scene(shape=rng.choice(SHAPES), colour=rng.choice(list(COLOURS)), count=rng.randint(1, 3))
-    cell = image_size // 3
-    # 12-18 px at 64x64; the upper bound leaves >= 1 px of slack, so a shape fits inside its cell with a
-    # one-pixel margin on every side and neighbours are always >= 2 px apart.
-    max_size = min(round(image_size * 18 / 64), cell - 3)
-    min_size = min(round(image_size * 12 / 64), max_size)
-    background = tuple(rng.randint(228, 255) for _ in range(3))
-    image = Image.new("RGB", (image_size, image_size), background)
-    draw = ImageDraw.Draw(image)
-    fill = COLOURS[scene.colour]
-    for index in rng.sample(range(9), scene.count):
-        row, col = divmod(index, 3)
-        size = rng.randint(min_size, max_size)
-        slack = cell - 2 - size
-        x0 = col * cell + 1 + rng.randint(0, slack)
-        y0 = row * cell + 1 + rng.randint(0, slack)
-        x1, y1 = x0 + size - 1, y0 + size - 1  # PIL boxes are inclusive
-        if scene.shape == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=fill)
-        elif scene.shape == "square":
-            draw.rectangle((x0, y0, x1, y1), fill=fill)
-        else:
-            draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
-    return scene, image
 
 
 def synthesize(

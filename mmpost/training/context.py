@@ -1,4 +1,4 @@
-"""Starting a run: the run directory, resume or ``from:``, and building the model the config names."""
+"""Starting a run: the run directory, the accelerator, resume or ``from:``, and the model the run trains."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from mmpost.config import RunConfig, dump_config
-from mmpost.model.io import load_lmm, resolve_model_dir
+from mmpost.model.build import build_lmm, load_lmm
+from mmpost.model.format import resolve_model_dir
 from mmpost.model.lmm import LMM
 from mmpost.training.accel import make_accelerator
 from mmpost.training.changes import changed_settings
@@ -110,38 +111,10 @@ def start_run(cfg: RunConfig, resume: bool, allow_changes: bool = False) -> RunC
 
 
 def build_model(ctx: RunContext) -> LMM:
-    """The model to train: from the resumed checkpoint, from ``from:``, or built from ``model:``.
-
-    With ``from:``, entries under ``model.encoders`` / ``model.connectors`` replace those parts of
-    the loaded model (swap a tower or a projector between stages) and ``model.lora`` adds adapters.
-    """
-    from connectors import CONNECTORS
-    from encoders import ENCODERS
-    from mmpost.model.llm import add_lora
-
-    cfg = ctx.cfg
+    """The model to train: from the resumed checkpoint, from ``from:`` (with the ``model`` section's swaps), or
+    built from the ``model`` section (``mmpost.model.build``)."""
     if ctx.checkpoint is not None:
         log.info("resuming from %s", ctx.checkpoint)
         return load_lmm(ctx.checkpoint / "model", verify=False)  # start_run checked its checksums
-    encoders = {m: ENCODERS.build(**spec) for m, spec in cfg.model.encoders.items()}
-    connectors = {m: CONNECTORS.build(**spec) for m, spec in cfg.model.connectors.items()}
-    if cfg.from_ is None:
-        if not encoders:
-            raise RunError("model.encoders is empty: name at least one encoder, or start from: an earlier run")
-        return LMM(cfg.model.llm.path or "", encoders, connectors, lora=cfg.model.lora, llm_config=cfg.model.llm)
-    if cfg.model.llm.path:
-        raise RunError("model.llm.path is set together with from:; the LLM comes from the from: run")
-    model = load_lmm(resolve_model_dir(cfg.from_, what="from"))
-    for modality, encoder in encoders.items():
-        if modality in model.encoders:
-            model.set_encoder(modality, encoder)
-        elif modality in connectors:
-            model.add_modality(modality, encoder, connectors.pop(modality))
-        else:
-            raise RunError(f"model.encoders.{modality} is new: give model.connectors.{modality} too")
-    for modality, connector in connectors.items():
-        model.set_connector(modality, connector)
-    if cfg.model.lora.r > 0 and not model.has_lora:
-        model.llm = add_lora(model.llm, cfg.model.lora)
-        model.lora_config = cfg.model.lora
-    return model
+    start = resolve_model_dir(ctx.cfg.from_, what="from") if ctx.cfg.from_ is not None else None
+    return build_lmm(ctx.cfg.model, start)

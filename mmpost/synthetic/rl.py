@@ -26,10 +26,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmpost.data.synth_files import Drawn, balanced, write_json, write_jsonl, write_shards
+from mmpost.synthetic.files import Drawn, balanced, write_json, write_jsonl, write_shards
 
 if TYPE_CHECKING:
-    from mmpost.data.synth import Scene
+    from mmpost.synthetic.scenes import Scene
 
 
 def write_rl(

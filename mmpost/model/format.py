@@ -1,4 +1,5 @@
-"""mmpost's own model format: a self-describing directory that loads without the training config.
+"""mmpost's own model format: a self-describing directory that loads without the training config (writing it
+here; reading it is ``mmpost.model.build.load_lmm``).
 
 ::
 
@@ -24,17 +25,13 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from mmpost.checksums import DamagedFileError, verify_manifest, write_manifest
-from mmpost.config.schema import LoraConfig
-
-if TYPE_CHECKING:
-    from mmpost.model.lmm import LMM
+from mmpost.checksums import DamagedFileError, write_manifest
+from mmpost.model.lora import merged_base_state_dict, save_adapter
 
 CONFIG_NAME = "mmpost.json"
 PARTS_NAME = "parts.safetensors"
@@ -66,22 +63,9 @@ def resolve_model_dir(path: str | Path, what: str = "model") -> Path:
     )
 
 
-def base_llm_state_dict(model: LMM, merge_lora: bool) -> dict[str, torch.Tensor]:
-    """The base LLM's weights under transformers' own names, with LoRA deltas added when merging.
-
-    Computed without touching the live model (peft's ``merge_and_unload`` would change it in place).
-    """
-    state = model.base_llm.state_dict()
-    clean = {k.replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
-    if merge_lora and model.has_lora:
-        from peft.tuners.lora import LoraLayer
-
-        for name, module in model.base_llm.named_modules():
-            if isinstance(module, LoraLayer):
-                for adapter in module.active_adapters:
-                    key = f"{name}.weight"
-                    clean[key] = clean[key] + module.get_delta_weight(adapter).to(clean[key].dtype)
-    return clean
+def base_llm_state_dict(model: torch.nn.Module, merge_lora: bool) -> dict[str, torch.Tensor]:
+    """The base LLM's weights of an ``LMM`` under transformers' own names, with LoRA deltas added when merging."""
+    return merged_base_state_dict(model.llm, merge_lora)
 
 
 def fresh_copy(base: torch.nn.Module, state: dict[str, torch.Tensor], clone: Iterable[str] = ()) -> torch.nn.Module:
@@ -97,10 +81,13 @@ def fresh_copy(base: torch.nn.Module, state: dict[str, torch.Tensor], clone: Ite
     return fresh.eval()
 
 
-def save_lmm(model: LMM, path: str | Path, merge_lora: bool = False) -> Path:
-    """Writes ``model`` to ``path`` (replacing a previous model directory there) and returns the path."""
-    from connectors import CONNECTORS
-    from encoders import ENCODERS
+def save_lmm(model: torch.nn.Module, path: str | Path, merge_lora: bool = False) -> Path:
+    """Writes ``model``, an ``LMM``, to ``path`` (replacing a previous model directory there); returns the path.
+
+    Typed as a module: the LMM imports this module to save itself, and this module does not import it back.
+    """
+    from mmpost.connectors import CONNECTORS
+    from mmpost.encoders import ENCODERS
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -120,7 +107,7 @@ def save_lmm(model: LMM, path: str | Path, merge_lora: bool = False) -> Path:
     save_file({k: v.detach().contiguous().cpu() for k, v in parts.items()}, str(tmp / PARTS_NAME))
     base = model.base_llm
     if model.quantization is not None:
-        from mmpost.quant.compressed import save_compressed
+        from mmpost.model.quantized import save_compressed
 
         llm = fresh_copy(base, base_llm_state_dict(model, merge_lora=True), clone=model.quantization.layers)
         save_compressed(llm, tmp / "llm", model.quantization)
@@ -128,7 +115,7 @@ def save_lmm(model: LMM, path: str | Path, merge_lora: bool = False) -> Path:
         base.save_pretrained(tmp / "llm", state_dict=base_llm_state_dict(model, merge_lora))
     model.tokenizer.save_pretrained(tmp / "llm")
     if keep_adapter:
-        model.llm.save_pretrained(tmp / "llm" / "adapter")
+        save_adapter(model.llm, tmp / "llm" / "adapter")
     write_manifest(tmp)
     if path.exists():
         old = path.with_name(path.name + ".old")
@@ -141,53 +128,7 @@ def save_lmm(model: LMM, path: str | Path, merge_lora: bool = False) -> Path:
     return path
 
 
-def load_lmm(path: str | Path, dtype: torch.dtype | None = None, verify: bool = True) -> LMM:
-    """Loads a directory written by ``save_lmm`` (LoRA adapters, if any, stay separate and trainable).
-
-    Args:
-        verify: check every file against the directory's ``checksums.json`` first.
-
-    Raises:
-        FileNotFoundError: if ``path`` is not an mmpost model directory.
-        DamagedFileError: naming a file that differs from what was saved or cannot be read.
-    """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from connectors import CONNECTORS
-    from encoders import ENCODERS
-    from mmpost.model.lmm import LMM
-    from mmpost.quant.compressed import adopt_loaded
-
-    path = Path(path)
-    if not is_model_dir(path):
-        raise FileNotFoundError(f"{path} is not an mmpost model directory (no {CONFIG_NAME})")
-    if verify:
-        verify_manifest(path, "model")
-    config = _read_json(path / CONFIG_NAME)
-    if config.get("format") != "mmpost" or config.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path / CONFIG_NAME}: unsupported format {config.get('format')} v{config.get('version')}")
-    with _names_damage(path / "llm", "the LLM"):
-        llm = AutoModelForCausalLM.from_pretrained(path / "llm", dtype=dtype or torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path / "llm")
-    quantization = adopt_loaded(llm)
-    encoders = {m: ENCODERS.build(**spec) for m, spec in config["encoders"].items()}
-    connectors = {m: CONNECTORS.build(**spec) for m, spec in config["connectors"].items()}
-    model = LMM(llm, encoders, connectors, tokenizer=tokenizer)
-    model.quantization = quantization
-    if config["lora"]:
-        with _names_damage(path / "llm" / "adapter", "the LoRA adapter"):
-            model.llm = PeftModel.from_pretrained(llm, path / "llm" / "adapter", is_trainable=True)
-        model.lora_config = LoraConfig(**config["lora"])
-    with _names_damage(path / PARTS_NAME, "the encoder and connector weights"):
-        parts = load_file(str(path / PARTS_NAME))
-    for name, module in (("encoders", model.encoders), ("connectors", model.connectors)):
-        prefix = name + "."
-        module.load_state_dict({k[len(prefix) :]: v for k, v in parts.items() if k.startswith(prefix)}, strict=True)
-    return model
-
-
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as err:
@@ -198,7 +139,7 @@ def _read_json(path: Path) -> dict:
 
 
 @contextlib.contextmanager
-def _names_damage(path: Path, what: str):
+def names_damage(path: Path, what: str):
     """Turns a loader's failure on damaged bytes (safetensors' header errors, JSON errors) into an error naming
     ``path``; a missing file stays a FileNotFoundError."""
     try:

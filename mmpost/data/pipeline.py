@@ -1,0 +1,248 @@
+"""From samples to batches: one pipeline per kind of batch (``mmpost.data.batches``).
+
+A pipeline has two halves that the DataLoader runs: ``process(sample)`` in a worker (decode and preprocess
+the media, tokenize the conversation) and ``collate(items)`` on the batch (pad the rows, stack the media). A
+sample that cannot be used — corrupt media bytes, media that do not fit ``max_length``, nothing left to learn
+from — comes out of ``process`` as ``Skipped``; ``collate`` drops and counts it, and the training loop stops
+when the skipped fraction passes ``data.max_bad_fraction``.
+
+- ``ConversationPipeline``: the whole conversation with labels on assistant turns, right-padded.
+- ``PairPipeline``: the prompt continued by ``chosen`` and by ``rejected``, two labelled rows sharing one copy
+  of the media.
+- ``PromptPipeline``: the conversation up to (without) a final assistant turn, with the generation prompt,
+  left-padded; the final turn is kept as the reference answer (``need_reference`` skips samples that lack one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mmpost.data.batches import ConversationBatch, PairBatch, PromptBatch
+from mmpost.data.chat import ChatEncoder, Encoded, Skipped
+from mmpost.data.media import DECODERS
+from mmpost.data.sample import Sample
+from mmpost.interfaces import IGNORE, MediaProcessor
+
+if TYPE_CHECKING:
+    from mmpost.model.lmm import LMM
+
+TokenCounter = Callable[[str, tuple[int, ...]], int]
+
+
+@dataclass
+class Item:
+    """One processed sample: its token rows (one, or two for a pair) and its preprocessed media."""
+
+    id: str
+    rows: list[Encoded]
+    media: dict[str, list[torch.Tensor]]
+    reference: str | None = None
+    task: str = ""
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+class Pipeline:
+    """What every pipeline shares: media decoding and preprocessing, the chat encoder, padding and collation.
+
+    Args:
+        chat: the tokenizer-side encoder.
+        processors: per modality, the encoder's media processor.
+        count_tokens: ``(modality, input_shape) -> M`` (the LMM's ``media_tokens``).
+        pad_id: the tokenizer's pad id.
+    """
+
+    def __init__(
+        self, chat: ChatEncoder, processors: Mapping[str, MediaProcessor], count_tokens: TokenCounter, pad_id: int
+    ) -> None:
+        self.chat = chat
+        self.processors = dict(processors)
+        self.count_tokens = count_tokens
+        self.pad_id = pad_id
+
+    @classmethod
+    def for_model(cls, model: LMM, max_length: int, **options: Any) -> Pipeline:
+        """This pipeline for ``model``'s tokenizer, placeholders and encoders."""
+        chat = ChatEncoder(model.tokenizer, model.placeholder_ids, max_length)
+        processors = {m: e.preprocessor() for m, e in model.encoders.items()}
+        return cls(chat, processors, model.media_tokens, model.tokenizer.pad_token_id, **options)
+
+    def __call__(self, sample: Sample) -> Item | Skipped:
+        return self.process(sample)
+
+    def process(self, sample: Sample) -> Item | Skipped:
+        raise NotImplementedError
+
+    def collate(self, items: Sequence[Item | Skipped]):
+        raise NotImplementedError
+
+    def prepare_media(self, sample: Sample) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[int]]] | Skipped:
+        """The sample's media decoded and preprocessed, and how many tokens each becomes."""
+        media: dict[str, list[torch.Tensor]] = {}
+        for modality, refs in sample.media.items():
+            if not refs:
+                continue
+            if modality not in self.processors:
+                return Skipped(sample.where(), f"it has {modality} input but the model has no {modality} encoder")
+            items = []
+            for ref in refs:
+                try:
+                    raw = DECODERS[modality](ref)
+                except Exception as err:  # any decoder failure means unusable bytes: skip and count
+                    name = ref if not isinstance(ref, bytes) else f"{len(ref)} bytes"
+                    return Skipped(sample.where(), f"cannot decode {modality} {name}: {type(err).__name__}: {err}")
+                items.append(self.processors[modality](raw))
+            media[modality] = items
+        counts = {m: [self.count_tokens(m, tuple(x.shape)) for x in items] for m, items in media.items()}
+        return media, counts
+
+    def pad(self, rows: Sequence[Encoded], side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[R, T]`` input ids, attention mask and labels of ``rows``, padded on ``side``."""
+        width = max((len(e.input_ids) for e in rows), default=0)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, e in enumerate(rows):
+            n = len(e.input_ids)
+            cols = slice(width - n, width) if side == "left" else slice(0, n)
+            input_ids[row, cols] = torch.tensor(e.input_ids)
+            labels[row, cols] = torch.tensor(e.labels)
+            attention_mask[row, cols] = 1
+        return input_ids, attention_mask, labels
+
+    def common(self, items: Sequence[Item | Skipped], side: str) -> dict[str, Any]:
+        """The fields every batch kind has, plus the labels, from ``items`` padded on ``side``."""
+        good = [x for x in items if not isinstance(x, Skipped)]
+        input_ids, attention_mask, labels = self.pad([row for x in good for row in x.rows], side)
+        media: dict[str, Any] = {}
+        for modality, processor in self.processors.items():
+            tensors = [t for x in good for t in x.media.get(modality, [])]
+            if tensors:
+                media[modality] = processor.collate(tensors)
+        return {
+            "ids": [x.id for x in good],
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "media": media,
+            "drawn": len(items),
+            "skipped": [f"{s.where}: {s.reason}" for s in items if isinstance(s, Skipped)],
+            "labels": labels,
+        }
+
+
+class ConversationPipeline(Pipeline):
+    """Whole conversations, labelled on every assistant turn; batches are right-padded."""
+
+    def process(self, sample: Sample) -> Item | Skipped:
+        prepared = self.prepare_media(sample)
+        if isinstance(prepared, Skipped):
+            return prepared
+        media, counts = prepared
+        encoded = self.chat.encode(sample, counts)
+        if isinstance(encoded, Skipped):
+            return encoded
+        return Item(sample.id, [encoded], media)
+
+    def collate(self, items: Sequence[Item | Skipped]) -> ConversationBatch:
+        return ConversationBatch(**self.common(items, side="right"))
+
+
+class PairPipeline(Pipeline):
+    """A prompt continued by its ``chosen`` and by its ``rejected`` answer, labelled on that answer only.
+
+    Batches are left-padded (see ``PairBatch``). A pair whose answers are identical prefers nothing and is
+    skipped.
+    """
+
+    def process(self, sample: Sample) -> Item | Skipped:
+        prepared = self.prepare_media(sample)
+        if isinstance(prepared, Skipped):
+            return prepared
+        media, counts = prepared
+        answers = []
+        for key in ("chosen", "rejected"):
+            answer = pair_answer(sample.meta.get(key))
+            if answer is None:
+                return Skipped(sample.where(), f"no {key!r} answer (a string, or one assistant message)")
+            answers.append(answer)
+        if answers[0] == answers[1]:
+            return Skipped(sample.where(), "chosen and rejected are identical: the pair prefers nothing")
+        if sample.messages and sample.messages[-1]["role"] == "assistant":
+            return Skipped(sample.where(), "a preference prompt must end with a user turn; the answers follow it")
+        rows = []
+        for answer in answers:
+            turn = Sample(
+                sample.id,
+                [*sample.messages, {"role": "assistant", "content": answer}],
+                sample.media,
+                sample.meta,
+                sample.source,
+            )
+            encoded = self.chat.encode(turn, counts, last_turn_only=True)
+            if isinstance(encoded, Skipped):
+                return encoded
+            rows.append(encoded)
+        return Item(sample.id, rows, media)
+
+    def collate(self, items: Sequence[Item | Skipped]) -> PairBatch:
+        return PairBatch(**self.common(items, side="left"))
+
+
+class PromptPipeline(Pipeline):
+    """Prompts to continue: the conversation without a final assistant turn, ending with the generation prompt.
+
+    Batches are left-padded, so that generation continues every row at the right end.
+
+    Args:
+        need_reference: skip samples with no final assistant turn to compare a generated answer with.
+    """
+
+    def __init__(self, *args: Any, need_reference: bool = False) -> None:
+        super().__init__(*args)
+        self.need_reference = need_reference
+
+    def process(self, sample: Sample) -> Item | Skipped:
+        ends_with_answer = bool(sample.messages) and sample.messages[-1]["role"] == "assistant"
+        if self.need_reference and not ends_with_answer:
+            return Skipped(sample.where(), "no final assistant turn to compare a generated answer with")
+        prepared = self.prepare_media(sample)
+        if isinstance(prepared, Skipped):
+            return prepared
+        media, counts = prepared
+        encoded = self.chat.encode_prompt(sample, counts)
+        if isinstance(encoded, Skipped):
+            return encoded
+        prompt = next((m["content"] for m in reversed(sample.messages) if m["role"] == "user"), "")
+        return Item(
+            sample.id,
+            [encoded],
+            media,
+            reference=sample.messages[-1]["content"] if ends_with_answer else None,
+            task=str(sample.meta.get("task", "")),
+            fields={**sample.meta, "id": sample.id, "prompt": prompt},
+        )
+
+    def collate(self, items: Sequence[Item | Skipped]) -> PromptBatch:
+        good = [x for x in items if not isinstance(x, Skipped)]
+        common = self.common(items, side="left")
+        del common["labels"]
+        return PromptBatch(
+            **common,
+            references=[x.reference for x in good],
+            tasks=[x.task for x in good],
+            fields=[x.fields for x in good],
+        )
+
+
+def pair_answer(value: Any) -> str | None:
+    """A preference answer as text: a string, or TRL's conversational form ``[{"role": "assistant", ...}]``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        message = value[0]
+        if message.get("role") == "assistant" and isinstance(message.get("content"), str):
+            return message["content"]
+    return None

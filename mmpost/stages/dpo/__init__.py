@@ -1,0 +1,1 @@
+"""Preference optimisation: the stage (``stage.py``) and its pairs' loss and held-out evaluation (``pairs.py``)."""

@@ -1,0 +1,116 @@
+"""Preference optimisation on pairs with media: DPO and its variants (IPO, hinge, conservative DPO, SimPO).
+
+Data: a prompt (the messages, ending with a user turn, media by placeholder) plus a ``chosen`` and a
+``rejected`` answer (strings, or one assistant message each as in TRL's conversational format), in
+JSON / JSONL or webdataset shards. A pair whose answers are identical is skipped and counted.
+
+Each step runs one forward over ``2N`` rows, chosen and rejected of each pair side by side, and the
+pair's media are encoded and connected once for both rows (``media_repeat=2``). The loss of a step is
+the mean over its pairs (``mmpost.losses.dpo``). The reference is the starting policy (a frozen copy,
+or the policy with its LoRA adapters off; see ``mmpost.stages.reference``); its log-probs can be
+computed once for the whole training set before the first step (``precompute_reference``), after which
+a copy is dropped from memory. SimPO needs no reference.
+
+Logged per step: ``rewards/chosen``, ``rewards/rejected``, ``rewards/margin``, ``rewards/accuracy``
+(chosen reward above rejected), ``logps/chosen``, ``logps/rejected`` (summed log-probs of the answers)
+and ``kl`` (mean log-ratio of policy to reference over both answers, a proxy for their KL). Held-out
+pairs (``data.eval``) give the same figures under ``eval/``, with ``eval/preference_accuracy``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from mmpost.config import RunConfig
+from mmpost.config.fields import check_values, ranged
+from mmpost.data.loader import read_source
+from mmpost.data.pipeline import PairPipeline
+from mmpost.data.sample import DataError, Sample
+from mmpost.stages.dpo.pairs import PairEvaluator, PairLoss, ReferenceLogps
+from mmpost.stages.reference import make_reference
+from mmpost.training.context import build_model, start_run
+from mmpost.training.evaluate import read_held_out
+from mmpost.training.loop import start_training, train, training_loader
+from mmpost.training.step import supervised_step
+from mmpost.training.trainable import resolve_parts
+
+log = logging.getLogger("mmpost")
+
+
+@dataclass
+class DPOOptions:
+    """``stage: {name: dpo, ...}``.
+
+    Attributes:
+        loss_type: ``sigmoid`` (DPO), ``ipo``, ``hinge`` or ``simpo`` (no reference, length-normalised).
+        beta: inverse temperature of the implicit reward (DPO's β; SimPO's β, typically 2-10).
+        label_smoothing: assumed fraction of flipped labels ε: with ``sigmoid`` this is conservative DPO.
+        simpo_gamma: SimPO's target reward margin γ.
+        precompute_reference: compute the reference log-probs of every training pair once before training
+            (JSON / JSONL data only); the reference copy, if any, is then freed.
+    """
+
+    name: Literal["dpo"] = "dpo"
+    loss_type: Literal["sigmoid", "ipo", "hinge", "simpo"] = "sigmoid"
+    beta: float = ranged(0.1, gt=0)
+    label_smoothing: float = ranged(0.0, ge=0, lt=0.5)
+    simpo_gamma: float = 0.5
+    precompute_reference: bool = False
+
+    def __post_init__(self) -> None:
+        check_values(self, "stage")
+        if self.label_smoothing > 0 and self.loss_type in ("ipo", "hinge"):
+            raise ValueError(f"stage.label_smoothing applies to sigmoid and simpo, not {self.loss_type}")
+
+    def loss_options(self) -> dict[str, Any]:
+        return dict(
+            loss_type=self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma
+        )
+
+
+class DPO:
+    """Direct preference optimisation of connectors and LLM (or LoRA adapters) on preference pairs."""
+
+    Options = DPOOptions
+    trains = ("llm",)  # the LoRA adapters when the model has them
+
+    def __init__(self, options: DPOOptions) -> None:
+        self.options = options
+
+    def run(self, cfg: RunConfig, resume: bool = False, allow_changes: bool = False) -> dict[str, Any]:
+        samples = read_source(cfg.data.train, "data.train")
+        if samples is not None:
+            check_pairs(samples)
+        if self.options.precompute_reference and samples is None:
+            raise DataError("stage.precompute_reference needs data.train as a .json / .jsonl file, not shards")
+        ctx = start_run(cfg, resume, allow_changes)
+        model = build_model(ctx)
+        parts = resolve_parts(cfg.train.trainable, self.trains, model)
+        train_ref = eval_ref = None
+        if self.options.loss_type != "simpo":
+            reference = make_reference(ctx, model, parts)
+            train_ref = eval_ref = ReferenceLogps(reference, ctx.accelerator)
+            if self.options.precompute_reference:
+                train_ref = train_ref.precomputed(ctx, model, samples)
+                if cfg.data.eval is not None:
+                    eval_ref = eval_ref.precomputed(ctx, model, read_held_out(ctx))
+                reference.copy = None if reference.copy is None else reference.copy.to("meta")  # frees its memory
+        loss = PairLoss(self.options.loss_options(), train_ref, ctx.accelerator)
+        evaluator = PairEvaluator(ctx, model, PairLoss(self.options.loss_options(), eval_ref, ctx.accelerator))
+        loader = training_loader(ctx, samples, PairPipeline.for_model(model, cfg.data.max_length))
+        return train(start_training(ctx, model, parts, loader, evaluator), supervised_step(loss))
+
+
+def check_pairs(samples: list[Sample]) -> None:
+    """Fails before any model loads when a JSON sample has no ``chosen`` / ``rejected`` (identical ones are
+    skipped and counted later, like corrupt media)."""
+    ids = set()
+    for sample in samples:
+        for key in ("chosen", "rejected"):
+            if key not in sample.meta:
+                raise DataError(f"{sample.where()}: a preference pair needs a {key!r} answer")
+        if sample.id in ids:
+            raise DataError(f"{sample.where()}: the id {sample.id!r} appears twice; preference pairs need unique ids")
+        ids.add(sample.id)

@@ -1,0 +1,1 @@
+"""GRPO: the stage (``stage.py``) and its rollouts (``rollout.py``)."""

@@ -1,0 +1,269 @@
+"""Reasoning RL with verifiable rewards: GRPO (Shao et al. 2024) and its DAPO / Dr. GRPO loss variants.
+
+Each step takes ``train.grad_accum`` micro-batches of ``train.batch_size`` prompts (media + text, with a
+checkable ``answer``), samples ``group_size`` completions per prompt with the LMM's own ``generate()``
+(the prompt prefilled once and its KV cache shared by the group), scores them with the configured reward
+functions (``mmpost.rewards``), normalises the rewards within each group into advantages, and then takes
+``iterations`` (μ) optimizer steps on the clipped-ratio objective over those samples, with an optional
+k3 KL to the reference (β > 0; β = 0 loads no reference). The log-probs the samples were drawn with are
+recomputed once before the first inner step when μ > 1 (with μ = 1 the ratio is 1 by construction).
+
+Departures from the papers, on purpose: no DAPO dynamic sampling (zero-variance groups are counted and,
+with ``filter_zero_variance``, left out of the loss and its normaliser instead of re-sampled) and no
+overlong-reward shaping; completions cut at ``max_completion_length`` are scored as they are.
+
+Logged per step: loss, reward mean / std (total and per function), accuracy (the ``accuracy`` reward's
+mean), completion length, KL, clip fraction, the fraction of zero-variance groups, and the time share of
+sampling against optimisation. Held-out accuracy (``data.eval``, greedy answers) as in sft.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from mmpost.config import RunConfig
+from mmpost.config.fields import check_values, ranged
+from mmpost.data.batches import PromptBatch
+from mmpost.data.loader import read_source
+from mmpost.data.pipeline import PromptPipeline
+from mmpost.data.sample import DataError, Sample
+from mmpost.interfaces import IGNORE
+from mmpost.losses.ce import label_logprobs
+from mmpost.losses.grpo import policy_loss
+from mmpost.model.lmm import LMM
+from mmpost.rewards import RewardSet
+from mmpost.stages.grpo.rollout import Rollout, sample_and_score
+from mmpost.stages.reference import Reference, make_reference
+from mmpost.training.context import build_model, start_run
+from mmpost.training.evaluate import Evaluator
+from mmpost.training.loop import Training, count_batches, start_training, train, training_loader
+from mmpost.training.step import BatchLoss, optimizer_step
+from mmpost.training.trainable import resolve_parts, set_train_mode
+
+log = logging.getLogger("mmpost")
+
+
+@dataclass
+class GRPOOptions:
+    """``stage: {name: grpo, ...}``.
+
+    Attributes:
+        rewards: reward functions with weights: ``[{name: accuracy, weight: 1.0}, {name: format, weight: 0.2},
+            {name: mypkg.rewards.brevity, weight: 0.1, kwargs: {...}}]`` (built-ins, or dotted paths); null means
+            ``[{name: accuracy}]``.
+        group_size: G, completions sampled per prompt.
+        temperature: sampling temperature (the log-probs of the loss use the same).
+        top_p: nucleus sampling threshold.
+        max_completion_length: most new tokens per completion.
+        iterations: μ, optimizer steps on each batch of samples.
+        epsilon_low: lower clip range of the ratio (1 - ε_low).
+        epsilon_high: upper clip range of the ratio (1 + ε_high; DAPO's clip-higher uses 0.28).
+        beta: weight of the k3 KL to the reference; 0 loads no reference.
+        aggregation: ``grpo`` (mean over each sequence's tokens, then over sequences), ``dapo`` (over all
+            tokens of the batch) or ``dr_grpo`` (sum divided by sequences x ``max_completion_length``).
+        scale_rewards: divide advantages by the group's reward std (off for Dr. GRPO).
+        filter_zero_variance: leave groups whose rewards are all equal out of the loss and its normaliser.
+        share_prefill: prefill each prompt once for its G samples (off: G-fold prefill, for comparison).
+    """
+
+    name: Literal["grpo"] = "grpo"
+    rewards: list[dict[str, Any]] | None = None
+    group_size: int = ranged(8, ge=2)
+    temperature: float = ranged(1.0, gt=0)
+    top_p: float = ranged(1.0, gt=0, le=1)
+    max_completion_length: int = ranged(32, ge=1)
+    iterations: int = ranged(1, ge=1)
+    epsilon_low: float = ranged(0.2, ge=0)
+    epsilon_high: float = ranged(0.2, ge=0)
+    beta: float = ranged(0.0, ge=0)
+    aggregation: Literal["grpo", "dapo", "dr_grpo"] = "grpo"
+    scale_rewards: bool = True
+    filter_zero_variance: bool = False
+    share_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        check_values(self, "stage")
+
+
+class GRPO:
+    """Group-relative policy optimisation of connectors and LLM (or LoRA adapters) on prompts with answers."""
+
+    Options = GRPOOptions
+    trains = ("llm",)  # the LoRA adapters when the model has them
+
+    def __init__(self, options: GRPOOptions) -> None:
+        self.options = options
+        # resolved now, so a reward path that does not import fails before any model loads
+        self.rewards = RewardSet(options.rewards or [{"name": "accuracy", "weight": 1.0}])
+        self.loss_options = dict(
+            epsilon_low=options.epsilon_low,
+            epsilon_high=options.epsilon_high,
+            beta=options.beta,
+            aggregation=options.aggregation,
+            max_completion_length=options.max_completion_length,
+        )
+
+    def run(self, cfg: RunConfig, resume: bool = False, allow_changes: bool = False) -> dict[str, Any]:
+        samples = read_source(cfg.data.train, "data.train")
+        if samples is not None and "accuracy" in self.rewards.names:
+            check_answers(samples)
+        ctx = start_run(cfg, resume, allow_changes)
+        model = build_model(ctx)
+        parts = resolve_parts(cfg.train.trainable, self.trains, model)
+        reference = make_reference(ctx, model, parts) if self.options.beta > 0 else None
+        loader = training_loader(ctx, samples, PromptPipeline.for_model(model, cfg.data.max_length))
+        training = start_training(ctx, model, parts, loader, Evaluator(ctx, model), self.options.iterations)
+        return train(training, lambda training, micro: self.step(training, micro, reference))
+
+    def step(self, training: Training, micro: list[PromptBatch], reference: Reference | None) -> dict[str, Any]:
+        """Samples and scores a step's prompts, then takes μ optimizer steps on them."""
+        acc = training.accelerator
+        (prompts,) = count_batches(training, micro, sum(len(b.ids) for b in micro))
+        counted = [not b.empty for b in micro]
+        if acc.num_processes > 1:
+            # a micro-batch that lost every prompt still takes part in the collective forwards and backwards:
+            # on a stand-in prompt whose loss mask is all zero (its rollout is left out of the metrics)
+            micro = [training.stand_in() if b.empty else b for b in micro]
+        else:
+            micro, counted = [b for b in micro if not b.empty], [True] * sum(counted)
+        t0 = time.perf_counter()
+        training.model.eval()
+        rollouts = [
+            self.rollout(training.model, b.to(acc.device), real) for b, real in zip(micro, counted, strict=True)
+        ]
+        set_train_mode(training.model)
+        t1 = time.perf_counter()
+        record = self.optimise(training, rollouts, reference, active=prompts > 0)
+        t2 = time.perf_counter()
+        return record | {"time/sampling_share": (t1 - t0) / (t2 - t0), "time/step_s": t2 - t0}
+
+    def rollout(self, model: LMM, batch: PromptBatch, counted: bool) -> Rollout:
+        o = self.options
+        rollout = sample_and_score(
+            model,
+            batch,
+            self.rewards,
+            o.group_size,
+            o.max_completion_length,
+            o.temperature,
+            o.top_p,
+            o.share_prefill,
+            o.scale_rewards,
+        )
+        rollout.counted = counted
+        return rollout
+
+    def optimise(
+        self, training: Training, rollouts: list[Rollout], reference: Reference | None, active: bool = True
+    ) -> dict[str, float]:
+        """μ optimizer steps over the step's rollouts; returns the step's metrics (over every process).
+
+        Args:
+            active: False when no process has a prompt this step: the schedule advances, nothing is updated.
+        """
+        acc, g, o = training.accelerator, self.options.group_size, self.options
+        masks = []
+        for r in rollouts:
+            mask = r.labels[:, 1:] != IGNORE  # [P*G, T-1]
+            if o.filter_zero_variance:
+                mask &= ~r.zero_variance.repeat_interleave(g).unsqueeze(-1)
+            masks.append(mask if r.counted else torch.zeros_like(mask))
+        # normalisers of the whole generation batch: sequences on this process (DDP averages processes), and
+        # tokens over every process divided by their number (the same per-process scale for DAPO)
+        sequences = sum(int(m.any(-1).sum()) for m in masks)
+        tokens = acc.reduce(torch.tensor(float(sum(int(m.sum()) for m in masks)), device=acc.device), "sum")
+        norm = dict(num_sequences=max(sequences, 1), num_tokens=max(float(tokens) / acc.num_processes, 1.0))
+        if not active:  # no process has a prompt left to learn from: no update, as in supervised steps
+            for _ in range(o.iterations):
+                optimizer_step(training, [], None, 1.0, update=False)
+            return self.step_metrics([], torch.zeros(3, dtype=torch.float64, device=acc.device), tokens, acc)
+        old, ref = [None] * len(rollouts), [None] * len(rollouts)
+        with torch.no_grad():
+            for i, r in enumerate(rollouts):
+                if o.iterations > 1:
+                    old[i] = self.logprobs(training.model, r)
+                if reference is not None:
+                    ref[i] = reference.token_logprobs(
+                        training.model,
+                        r.input_ids,
+                        r.attention_mask,
+                        r.media,
+                        r.labels,
+                        media_repeat=g,
+                        temperature=o.temperature,
+                    )
+        items = list(zip(rollouts, masks, old, ref, strict=True))
+        loss = functools.partial(self.item_loss, norm=norm)
+        # μ updates on the same samples; the figures are the first's (the policy the samples were drawn from)
+        sums = [optimizer_step(training, items, loss, 1.0, [r.counted for r in rollouts]) for _ in range(o.iterations)]
+        zero = torch.zeros((), dtype=torch.float64, device=acc.device)
+        totals = torch.stack([sums[0].loss_sum, sums[0].stats.get("kl", zero), sums[0].stats.get("clip", zero)])
+        return self.step_metrics([r for r in rollouts if r.counted], totals, tokens, acc)
+
+    def logprobs(self, model: torch.nn.Module, r: Rollout) -> torch.Tensor:
+        """``[P*G, T-1]`` completion-token log-probs under ``model`` at the sampling temperature."""
+        out = model(r.input_ids, r.attention_mask, r.media, r.labels, media_repeat=self.options.group_size)
+        return label_logprobs(out.logits, out.targets, out.kept, self.options.temperature)
+
+    def item_loss(self, model: torch.nn.Module, item: tuple, norm: dict[str, float]) -> BatchLoss:
+        """The clipped-ratio loss of one rollout, already normalised by the whole generation batch (``norm``);
+        KL and clip fraction weighted by its completion tokens."""
+        r, mask, old, ref = item
+        logps = self.logprobs(model, r)  # [P*G, T-1]
+        out = policy_loss(
+            logps,
+            logps.detach() if old is None else old,
+            r.advantages,
+            mask.float(),
+            ref_logps=ref,
+            **self.loss_options,
+            **norm,
+        )
+        weight = float(mask.sum())
+        figures = {"kl": float(out.kl) * weight, "clip": float(out.clip_fraction) * weight}
+        stats = {k: torch.tensor(v, dtype=torch.float64, device=out.loss.device) for k, v in figures.items()}
+        return BatchLoss(out.loss, int(weight), stats)
+
+    def step_metrics(self, rollouts: list[Rollout], sums: torch.Tensor, tokens, acc) -> dict[str, float]:
+        """Loss, rewards, lengths, KL, clipping and zero-variance groups of a step, over every process."""
+        names = self.rewards.names
+        local = [
+            torch.cat([r.rewards.float().cpu(), *(r.per_function[n].float().cpu() for n in names)]).view(
+                len(names) + 1, -1
+            )
+            for r in rollouts
+        ]
+        values = torch.cat(local, 1) if local else torch.zeros(len(names) + 1, 0)  # [1 + F, N]
+        lengths = torch.cat([r.lengths.float().cpu() for r in rollouts]) if rollouts else torch.zeros(0)
+        zero = torch.cat([r.zero_variance.float().cpu() for r in rollouts]) if rollouts else torch.zeros(0)
+        gathered = acc.gather_for_metrics(torch.cat([values, lengths[None]], 0).T.contiguous().to(acc.device)).T
+        zero = acc.gather_for_metrics(zero.to(acc.device))
+        sums = acc.reduce(sums, "sum")
+        record = {
+            "loss": float(sums[0]) / acc.num_processes,
+            "kl": float(sums[1]) / max(float(tokens), 1.0),
+            "clip_fraction": float(sums[2]) / max(float(tokens), 1.0),
+            "reward/mean": float(gathered[0].mean()),
+            "reward/std": float(gathered[0].std()) if gathered.shape[1] > 1 else 0.0,
+            "completion_length": float(gathered[-1].mean()),
+            "zero_variance_groups": float(zero.mean()) if zero.numel() else 0.0,
+        }
+        for k, name in enumerate(names, start=1):
+            record[f"reward/{name}/mean"] = float(gathered[k].mean())
+            record[f"reward/{name}/std"] = float(gathered[k].std()) if gathered.shape[1] > 1 else 0.0
+        if "accuracy" in names:
+            record["accuracy"] = record["reward/accuracy/mean"]
+        return record
+
+
+def check_answers(samples: list[Sample]) -> None:
+    """Fails before any model loads when a JSON prompt has no ``answer`` for the accuracy reward."""
+    for sample in samples:
+        if sample.meta.get("answer") in (None, ""):
+            raise DataError(f"{sample.where()}: the accuracy reward needs an 'answer' field in every prompt")

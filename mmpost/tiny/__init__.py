@@ -1,1 +1,0 @@
-"""Tiny models built from configs, for tests and the offline demo."""
