@@ -72,3 +72,21 @@ def greedy_without_cache(model, batch, steps: int) -> torch.Tensor:
         new.append(token)
         ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
     return torch.cat(new, 1)
+
+
+def torchrun(*args: str, port: int) -> list[str]:
+    """The command that runs ``python -m mmpost ARGS`` in two processes with torchrun on ``port``."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "-m",
+        "mmpost",
+        *args,
+    ]

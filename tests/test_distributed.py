@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 from accelerate.utils import DistributedType
+from helpers import torchrun
 
 import mmpost
 import mmpost.training.accel as accel
@@ -31,19 +32,7 @@ def test_two_processes_match_one_with_the_same_global_batch(run_config, tmp_path
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "mmpost", "train", str(one)], check=True, env=env, capture_output=True)
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29533",
-            "-m",
-            "mmpost",
-            "train",
-            str(two),
-        ],
+        torchrun("train", str(two), port=29533),
         env=env,
         capture_output=True,
         text=True,
@@ -100,19 +89,7 @@ def test_two_processes_train_two_modalities_when_a_batch_lacks_one(make_model, r
     data["from"], data["model"] = str(tmp_path / "base"), {}
     cfg.write_text(yaml.safe_dump(data))
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29534",
-            "-m",
-            "mmpost",
-            "train",
-            str(cfg),
-        ],
+        torchrun("train", str(cfg), port=29534),
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,

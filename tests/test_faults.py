@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import write_run_config
+from helpers import torchrun, write_run_config
 
 from mmpost.cli import main
 from mmpost.training.checkpoint import step_checkpoints
@@ -206,20 +206,9 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_earlier_ones(run_
         verify_checkpoint(path)  # intact
 
 
-def torchrun(*args: str, port: int) -> subprocess.Popen:
+def start_torchrun(*args: str, port: int) -> subprocess.Popen:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(port),
-            "-m",
-            "mmpost",
-            *args,
-        ],
+        torchrun(*args, port=port),
         env={**ENV, "ACCELERATE_USE_CPU": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -247,12 +236,12 @@ def test_two_processes_with_dropped_micro_batches_finish_survive_sigterm_and_mat
     two = write_run_config(tmp_path, synth_dir, llm_dir, clip_dir, "two", data=data, train={**common, "batch_size": 1})
     single = mmpost("train", str(one))
     assert single.returncode == 0, single.stderr[-3000:]
-    proc = torchrun("train", str(two), port=29541)
+    proc = start_torchrun("train", str(two), port=29541)
     wait_for(lambda: last_step(tmp_path / "two") >= 4, proc, timeout=180)
     proc.send_signal(signal.SIGTERM)  # to the launcher, which forwards it to both workers
     _, err = proc.communicate(timeout=180)
     assert proc.returncode != 0 and "checkpoint written to" in err, err[-3000:]
-    resumed = torchrun("train", str(two), "--resume", port=29542)
+    resumed = start_torchrun("train", str(two), "--resume", port=29542)
     _, err = resumed.communicate(timeout=180)
     assert resumed.returncode == 0, err[-3000:]
     one_curve, two_curve = curve(tmp_path / "one"), curve(tmp_path / "two")

@@ -99,6 +99,17 @@ class Pipeline:
         counts = {m: [self.count_tokens(m, tuple(x.shape)) for x in items] for m, items in media.items()}
         return media, counts
 
+    def media_and_tokens(
+        self, sample: Sample, encode: Callable[[Sample, Mapping[str, Sequence[int]]], Encoded | Skipped]
+    ) -> tuple[dict[str, list[torch.Tensor]], Encoded] | Skipped:
+        """The sample's prepared media and its tokens by ``encode(sample, media token counts)``."""
+        prepared = self.prepare_media(sample)
+        if isinstance(prepared, Skipped):
+            return prepared
+        media, counts = prepared
+        encoded = encode(sample, counts)
+        return encoded if isinstance(encoded, Skipped) else (media, encoded)
+
     def pad(self, rows: Sequence[Encoded], side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[R, T]`` input ids, attention mask and labels of ``rows``, padded on ``side``."""
         width = max((len(e.input_ids) for e in rows), default=0)
@@ -137,13 +148,10 @@ class ConversationPipeline(Pipeline):
     """Whole conversations, labelled on every assistant turn; batches are right-padded."""
 
     def process(self, sample: Sample) -> Item | Skipped:
-        prepared = self.prepare_media(sample)
+        prepared = self.media_and_tokens(sample, self.chat.encode)
         if isinstance(prepared, Skipped):
             return prepared
-        media, counts = prepared
-        encoded = self.chat.encode(sample, counts)
-        if isinstance(encoded, Skipped):
-            return encoded
+        media, encoded = prepared
         return Item(sample.id, [encoded], media)
 
     def collate(self, items: Sequence[Item | Skipped]) -> ConversationBatch:
@@ -208,13 +216,10 @@ class PromptPipeline(Pipeline):
         ends_with_answer = bool(sample.messages) and sample.messages[-1]["role"] == "assistant"
         if self.need_reference and not ends_with_answer:
             return Skipped(sample.where(), "no final assistant turn to compare a generated answer with")
-        prepared = self.prepare_media(sample)
+        prepared = self.media_and_tokens(sample, self.chat.encode_prompt)
         if isinstance(prepared, Skipped):
             return prepared
-        media, counts = prepared
-        encoded = self.chat.encode_prompt(sample, counts)
-        if isinstance(encoded, Skipped):
-            return encoded
+        media, encoded = prepared
         prompt = next((m["content"] for m in reversed(sample.messages) if m["role"] == "user"), "")
         return Item(
             sample.id,
