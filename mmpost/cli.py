@@ -1,4 +1,4 @@
-"""The ``mmpost`` command: train, demo, data synth, generate, export, distill-data, config.
+"""The ``mmpost`` command: train, demo, data synth, generate, export, distill-data, plan, config.
 
 Errors a user can fix (config, data, paths, launch) print one ``mmpost: error: ...`` line and exit
 with status 2; anything else is a bug and keeps its traceback. A run stopped by SIGTERM or SIGINT
@@ -134,6 +134,14 @@ def cmd_distill_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from mmpost.config import load_config
+    from mmpost.plan import print_plan
+
+    print_plan(load_config(args.config, _overrides(args.set)), args.gpus, args.sharding)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
@@ -241,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 answers greedily; above 0 samples")
     p.add_argument("--max-samples", type=int, default=0, help="answer at most this many prompts (0: all)")
     p.set_defaults(func=cmd_distill_data)
+
+    p = sub.add_parser("plan", help="per-GPU memory of a run, from the model configs (no weights are loaded)")
+    p.add_argument("config", help="YAML run config")
+    p.add_argument("--gpus", type=int, default=1, help="processes the run is spread over")
+    p.add_argument("--sharding", choices=["ddp", "fsdp2", "zero2", "zero3"], default="fsdp2")
+    p.add_argument("--set", nargs="+", action="append", metavar="KEY=VALUE", help="override keys: train.batch_size=4")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("config", help="list every config key with its documentation, or show a resolved config")
     p.add_argument("action", choices=["keys", "show"])

@@ -142,6 +142,10 @@ class TrainConfig:
         save_every: steps between checkpoints under ``checkpoints/step-N``; 0 saves only ``final/``.
         keep_checkpoints: newest step checkpoints kept; older ones are deleted. 0 keeps all.
         eval_every: steps between evaluations; 0 evaluates only at the end.
+        sharding: how the model is spread over several processes: ``ddp`` (a full copy on each), ``fsdp2``
+            (parameters, gradients and optimizer state sharded; torch FSDP2, each decoder layer a unit),
+            ``deepspeed`` (ZeRO, through the accelerate launcher config), or ``auto``: what the launcher config
+            asks for (``configs/accelerate/fsdp2.yaml`` -> fsdp2, ``deepspeed_zero*.yaml`` -> deepspeed), else ddp.
     """
 
     trainable: list[str] | None = None
@@ -161,6 +165,7 @@ class TrainConfig:
     save_every: int = ranged(0, ge=0)
     keep_checkpoints: int = ranged(2, ge=0)
     eval_every: int = ranged(0, ge=0)
+    sharding: Literal["auto", "ddp", "fsdp2", "deepspeed"] = "auto"
 
 
 @dataclass

@@ -326,6 +326,9 @@ class LMM(nn.Module):
         position_ids = positions_of(attention_mask)  # what transformers' generate() computes too
         embeds, fused = self.embed(input_ids, media, position_ids)
         generate_kwargs.setdefault("do_sample", False)
+        # transformers keeps the processes of a sharded model generating in lock step (an all-reduce per token);
+        # mmpost generates with every shard gathered (mmpost.training.sharding), so each process goes alone
+        generate_kwargs.setdefault("synced_gpus", False)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         # a media placeholder in generated text would stand for media that do not exist
         generate_kwargs.setdefault("suppress_tokens", sorted(self.placeholder_ids.values()))

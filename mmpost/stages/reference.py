@@ -72,7 +72,7 @@ def make_reference(ctx: RunContext, model: LMM, parts: Sequence[str]) -> Referen
         log.info("reference: a frozen copy of the starting policy (it trains %s)", ", ".join(parts))
     reference = copy.deepcopy(model) if ctx.checkpoint is None else _starting_model(ctx)
     reference.requires_grad_(False).eval()
-    return Reference(reference.to(ctx.accelerator.device))
+    return Reference(ctx.sharding.frozen(reference.to(ctx.accelerator.device)))
 
 
 def _starting_model(ctx: RunContext) -> LMM:

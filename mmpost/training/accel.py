@@ -7,7 +7,7 @@ import os
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+from accelerate.utils import DistributedType
 
 from mmpost.config.schema import TrainConfig
 
@@ -16,12 +16,17 @@ class LaunchError(RuntimeError):
     """The processes were started in a way that would not train as the user expects."""
 
 
-def make_accelerator(train: TrainConfig) -> Accelerator:
+def make_accelerator(train: TrainConfig, sharding: str = "ddp") -> Accelerator:
     """Creates the run's accelerator and checks that every launched process takes part.
 
     On a machine without CUDA, processes started by ``torchrun`` are joined over gloo
     (``cpu=True``); without it accelerate treats each process as a separate single-process run,
     and every process would silently train alone on its own data.
+
+    Args:
+        sharding: the run's sharding (``mmpost.training.sharding.requested``): under ``fsdp2`` mmpost shards the
+            model itself, so a launcher config's FSDP request must not also make accelerate wrap it; under
+            ``deepspeed`` DeepSpeed accumulates ``train.grad_accum`` micro-batches per update.
 
     Raises:
         LaunchError: if ``WORLD_SIZE`` says several processes but accelerate sees one.
@@ -33,7 +38,10 @@ def make_accelerator(train: TrainConfig) -> Accelerator:
     # accumulation state instead of inheriting the previous run's, while the process group stays.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed)
+    if sharding == "fsdp2":
+        os.environ.pop("ACCELERATE_USE_FSDP", None)
+    accumulation = {"gradient_accumulation_steps": train.grad_accum} if sharding == "deepspeed" else {}
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, **accumulation)
     if world > 1 and (accelerator.num_processes != world or accelerator.distributed_type == DistributedType.NO):
         raise LaunchError(
             f"WORLD_SIZE={world} but accelerate runs {accelerator.num_processes} process(es) "
@@ -42,14 +50,3 @@ def make_accelerator(train: TrainConfig) -> Accelerator:
             "ACCELERATE_USE_CPU=1"
         )
     return accelerator
-
-
-def allow_unused_parameters(accelerator: Accelerator, trains_encoders: bool, modalities: int) -> None:
-    """Tells DDP, before it wraps the model, when some trained weights may get no gradient in a step;
-    otherwise it waits for those gradients forever.
-
-    That happens when encoders train (layers past the feature layer, post-norms) and when a model has
-    several modalities (a batch without one modality's media leaves its connector without gradient).
-    """
-    if trains_encoders or modalities > 1:
-        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)

@@ -3,9 +3,10 @@
 ::
 
     RUN/checkpoints/step-N/model/          mmpost model directory (loads with mmpost.load)
-    RUN/checkpoints/step-N/trainer.pt      optimizer, scheduler, loop state (torch.load weights_only)
+    RUN/checkpoints/step-N/trainer.pt      scheduler, loop state, and the optimizer when not sharded
     RUN/checkpoints/step-N/rng-R.pt        RNG states of process R
     RUN/checkpoints/step-N/config.yaml     the resolved run config
+    RUN/checkpoints/step-N/sharded/        under FSDP2 / DeepSpeed: each process's shard of model and optimizer
     RUN/checkpoints/step-N/checksums.json  size and SHA-256 of the files above (the model has its own)
 
 What survives what:
@@ -104,7 +105,9 @@ def tensor_bytes(*states: Any) -> int:
     while stack:
         item = stack.pop()
         if isinstance(item, torch.Tensor):
-            key = item.untyped_storage().data_ptr() if item.device.type != "meta" else id(item)
+            # a sharded DTensor counts with its whole shape; a plain tensor once per storage (tied weights)
+            plain = item.device.type != "meta" and not hasattr(item, "to_local")
+            key = item.untyped_storage().data_ptr() if plain else id(item)
             if key not in seen:
                 seen.add(key)
                 total += item.numel() * item.element_size()
@@ -134,19 +137,24 @@ def save_checkpoint(
     scheduler,
     loop_state: dict[str, Any],
     cfg: RunConfig,
-    accelerator,
+    sharding,
     keep: int,
 ) -> Path:
-    """Writes ``checkpoints/step-{step}`` (model and trainer state from the main process, RNG from each).
+    """Writes ``checkpoints/step-{step}``: the whole model and the trainer state from the main process, the RNG from
+    each, and under sharding each process's shard of the model and optimizer (``mmpost.training.sharding``).
+    Every process must call it.
 
     Raises:
         CheckpointError: when the device is full (before writing, or when a write fails for lack of space);
             the partial write is removed on every process and earlier checkpoints are kept.
     """
+    accelerator = sharding.accelerator
     final = Path(run_dir) / "checkpoints" / f"step-{step}"
     tmp = final.with_name(final.name + ".tmp")
-    trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "loop": loop_state}
-    needed = tensor_bytes(model.state_dict(), trainer) + (1 << 20)
+    trainer = {"scheduler": scheduler.state_dict(), "loop": loop_state}
+    model_bytes, optimizer_bytes = tensor_bytes(model.state_dict()), tensor_bytes(optimizer.state_dict())
+    # the whole model, plus (sharded) the shards of model and optimizer, or (not sharded) the optimizer
+    needed = model_bytes * (2 if sharding.shards_state else 1) + optimizer_bytes + (1 << 20)
     failure: str | None = None
     if accelerator.is_main_process:
         remove_leftovers(run_dir)
@@ -157,14 +165,20 @@ def save_checkpoint(
     if failure is None:
         try:
             torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+            sharding.save_whole(model, tmp / MODEL_DIR)
+            trainer |= sharding.save_state(tmp, model, optimizer)
             if accelerator.is_main_process:
-                model.save(tmp / MODEL_DIR)
                 torch.save(trainer, tmp / "trainer.pt")
                 dump_config(cfg, tmp / "config.yaml")
-                write_manifest(tmp, skip=(MODEL_DIR,))
         except Exception as err:  # noqa: BLE001 - any failed write: remove it, then say why
             failure = describe_write_failure(err, tmp.parent, step, needed, run_dir)
-        failure = agree_on_failure(accelerator, failure)
+        failure = agree_on_failure(accelerator, failure)  # also: every process has written its files
+    if failure is None and accelerator.is_main_process:
+        try:
+            write_manifest(tmp, skip=(MODEL_DIR,))
+        except Exception as err:  # noqa: BLE001
+            failure = describe_write_failure(err, tmp.parent, step, needed, run_dir)
+    failure = agree_on_failure(accelerator, failure)
     if failure is not None:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -221,18 +235,22 @@ def verify_checkpoint(checkpoint: Path) -> None:
         raise DamagedFileError(f"{err}{hint}") from None
 
 
-def load_trainer_state(checkpoint: Path, process_index: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_trainer_state(checkpoint: Path, process_index: int, processes: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Returns (trainer state, this process's RNG state) of a checkpoint.
 
     Raises:
-        FileNotFoundError: when this process's RNG file is missing (fewer processes wrote the checkpoint).
+        FileNotFoundError: when the checkpoint was written by another number of processes (each process's data
+            order and random streams continue only with the same number; under FSDP2 the shards themselves could be
+            resharded, but the run would not continue the same loss curve).
         DamagedFileError: naming a file that cannot be read.
     """
-    rng_file = checkpoint / f"rng-{process_index}.pt"
-    if not rng_file.is_file():
+    written = len(list(checkpoint.glob("rng-*.pt")))
+    if written != processes:
         raise FileNotFoundError(
-            f"{rng_file} is missing: the checkpoint was written by fewer processes; resume with the same number"
+            f"{checkpoint} was written by {written} process(es) and this run has {processes}: resume with the same "
+            "number of processes (the data order and the random streams are per process)"
         )
+    rng_file = checkpoint / f"rng-{process_index}.pt"
     return read_torch_file(checkpoint / "trainer.pt"), read_torch_file(rng_file)
 
 

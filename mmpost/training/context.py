@@ -18,6 +18,7 @@ from mmpost.model.lmm import LMM
 from mmpost.training.accel import make_accelerator
 from mmpost.training.changes import changed_settings
 from mmpost.training.checkpoint import latest_checkpoint, remove_leftovers, step_checkpoints, verify_checkpoint
+from mmpost.training.sharding import Sharding, requested
 
 log = logging.getLogger("mmpost")
 
@@ -36,6 +37,7 @@ class RunContext:
         accelerator: the run's one accelerator.
         checkpoint: the checkpoint being resumed, or None for a fresh run.
         changes: settings a resume changed from the checkpoint's (``--allow-changes``): key -> (old, new).
+        sharding: how the model is spread over the processes (``mmpost.training.sharding``).
     """
 
     cfg: RunConfig
@@ -43,6 +45,7 @@ class RunContext:
     accelerator: Accelerator
     checkpoint: Path | None
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    sharding: Sharding | None = None
 
 
 RUN_FILES = {"config.yaml", "train.log", "metrics.jsonl", "tb", "checkpoints"}
@@ -88,7 +91,9 @@ def start_run(cfg: RunConfig, resume: bool, allow_changes: bool = False) -> RunC
         if not failed_start(run_dir):
             raise RunError(f"run directory {run_dir} is not empty: pass --resume to continue it, or choose another out")
         replace = True
-    accelerator = make_accelerator(cfg.train)
+    kind = requested(cfg.train.sharding)
+    accelerator = make_accelerator(cfg.train, kind)
+    sharding = Sharding(kind, accelerator, cfg.train.precision)
     if accelerator.is_main_process:
         if replace:
             log.info("replacing %s: it holds no checkpoint (an earlier start that failed)", run_dir)
@@ -107,7 +112,7 @@ def start_run(cfg: RunConfig, resume: bool, allow_changes: bool = False) -> RunC
             log.warning("resume with a changed setting (--allow-changes): %s %r -> %r", key, old, new)
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
-    return RunContext(cfg=cfg, run_dir=run_dir, accelerator=accelerator, checkpoint=checkpoint, changes=changes)
+    return RunContext(cfg, run_dir, accelerator, checkpoint, changes, sharding)
 
 
 def build_model(ctx: RunContext) -> LMM:

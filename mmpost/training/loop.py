@@ -34,7 +34,6 @@ from mmpost.data.loader import EpochBatchSampler, StandIn, make_loader
 from mmpost.data.pipeline import Pipeline
 from mmpost.data.sample import DataError, Sample
 from mmpost.model.lmm import LMM
-from mmpost.training.accel import allow_unused_parameters
 from mmpost.training.changes import convert_position, rebuild_schedule
 from mmpost.training.checkpoint import load_trainer_state, save_checkpoint, set_rng_state
 from mmpost.training.context import RunContext
@@ -121,18 +120,27 @@ class Training:
     def accelerator(self):
         return self.ctx.accelerator
 
+    @property
+    def sharding(self):
+        return self.ctx.sharding
+
+    def evaluated(self, step: int) -> dict[str, Any]:
+        """The evaluator's figures at ``step``, with every model it runs unsharded (``Sharding.gathered``)."""
+        with self.sharding.gathered(self.model, *getattr(self.evaluate, "also_runs", ())):
+            return self.evaluate(self.model, step)
+
     def save(self) -> Path:
         loop = {"state": asdict(self.state), "evals": self.evals}
         t = self.ctx.cfg.train
         return save_checkpoint(
             self.ctx.run_dir,
             self.state.step,
-            self.model,
+            self.ddp_model,
             self.optimizer,
             self.scheduler,
             loop,
             self.ctx.cfg,
-            self.accelerator,
+            self.sharding,
             t.keep_checkpoints,
         )
 
@@ -141,7 +149,7 @@ class Training:
         checkpoints and raises ``Interrupted``."""
         t, step = self.ctx.cfg.train, self.state.step
         if self.evaluate.enabled and ((t.eval_every and step % t.eval_every == 0) or step == self.total):
-            self.evals.append(self.evaluate(self.model, step) | {"data/skipped": self.state.skipped})
+            self.evals.append(self.evaluated(step) | {"data/skipped": self.state.skipped})
             self.metrics.write(self.evals[-1])
         saved = None
         if t.save_every and step % t.save_every == 0 and step < self.total:
@@ -222,16 +230,20 @@ def start_training(
     total = t.max_steps or max(1, math.ceil(t.epochs * sampler.batches_per_epoch() / t.grad_accum))
     if t.gradient_checkpointing:
         model.base_llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer, scheduler = make_optimizer(model, t, parts, total * updates_per_step)
     set_train_mode(model)
-    allow_unused_parameters(acc, trains_encoders(parts), len(model.modalities))
-    ddp_model, optimizer = acc.prepare(model, optimizer)
+    sharding = ctx.sharding
+    sharding.shard(model)  # FSDP2: before the optimizer, which must hold the sharded parameters
+    optimizer, scheduler = make_optimizer(model, t, parts, total * updates_per_step)
+    # DDP waits forever for weights that get no gradient in a step: trained encoder layers past the feature
+    # layer, and with several modalities a batch without one medium
+    unused = trains_encoders(parts) or len(model.modalities) > 1
+    ddp_model, optimizer = sharding.prepare(model, optimizer, unused_parameters=unused)
     metrics = MetricsLog(ctx.run_dir, enabled=acc.is_main_process)
     state, evals = LoopState(), []
     if ctx.checkpoint is not None:
-        trainer, rng = load_trainer_state(ctx.checkpoint, acc.process_index)
+        trainer, rng = load_trainer_state(ctx.checkpoint, acc.process_index, acc.num_processes)
         fresh = [{"lr": g["lr"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
-        optimizer.load_state_dict(trainer["optimizer"])
+        sharding.load_state(ctx.checkpoint, ddp_model, optimizer, trainer)
         scheduler.load_state_dict(trainer["scheduler"])
         state = LoopState(**trainer["loop"]["state"])
         evals = trainer["loop"]["evals"]
@@ -242,7 +254,8 @@ def start_training(
         metrics.truncate_after(state.step)
         set_rng_state(rng)
     elif evaluate.enabled:
-        evals.append(evaluate(model, 0))
+        with sharding.gathered(model, *getattr(evaluate, "also_runs", ())):
+            evals.append(evaluate(model, 0))
         metrics.write(evals[-1])
     trainable = [p for p in model.parameters() if p.requires_grad]
     return Training(
@@ -328,8 +341,9 @@ def check_bad_fraction(state: LoopState, limit: float, reasons: list[str], final
 
 
 def finish(training: Training, seconds: float) -> dict[str, Any]:
-    """Saves ``final/`` and ``summary.json``."""
+    """Saves ``final/`` (the whole model, however it was sharded) and ``summary.json``."""
     ctx, acc, state, evals = training.ctx, training.accelerator, training.state, training.evals
+    memory = training.sharding.local_bytes(training.ddp_model, training.optimizer)
     summary = {
         "stage": ctx.cfg.stage.name,
         "steps": state.step,
@@ -340,11 +354,13 @@ def finish(training: Training, seconds: float) -> dict[str, Any]:
         "eval_after": evals[-1] if len(evals) > 1 else None,
         "final": str(ctx.run_dir / "final"),
         "model_flops_per_token": model_flops_per_token(training.model),
+        "sharding": training.sharding.kind,
+        "memory_per_process": {f"{k}_bytes": v for k, v in memory.items()},
         "config": to_dict(ctx.cfg),
     }
     acc.wait_for_everyone()
+    training.sharding.save_whole(training.ddp_model, ctx.run_dir / "final")
     if acc.is_main_process:
-        training.model.save(ctx.run_dir / "final")
         (Path(ctx.run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     training.metrics.close()
     acc.wait_for_everyone()

@@ -8,7 +8,6 @@ processes, so every unit weighs the same however the batch was split.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -78,10 +77,9 @@ def optimizer_step(
     stats: dict[str, torch.Tensor] = {}
     for i, item in enumerate(items if update else []):
         real = counted is None or counted[i]
-        sync = contextlib.nullcontext() if i == len(items) - 1 else acc.no_sync(training.ddp_model)
-        with sync:
+        with training.sharding.accumulating(training.ddp_model, last=i == len(items) - 1):
             out = loss_fn(training.ddp_model, item)
-            acc.backward(out.loss_sum * (scale if real else 0.0))
+            training.sharding.backward(out.loss_sum * (scale if real else 0.0))
         if real:
             loss_sum += out.loss_sum.detach().double()
             for key, value in out.stats.items():
@@ -89,7 +87,7 @@ def optimizer_step(
     grad_norm = None
     if update:
         if t.max_grad_norm > 0:
-            grad_norm = float(acc.clip_grad_norm_(training.trainable, t.max_grad_norm))
+            grad_norm = training.sharding.clip(training.trainable, t.max_grad_norm)
         training.optimizer.step()
         training.scheduler.step()
     else:
@@ -116,8 +114,9 @@ def supervised_step(loss: StageLoss, prepare: Callable[[Batch], Batch] | None = 
     def step(training: Training, micro: list[Batch]) -> dict[str, Any]:
         acc = training.accelerator
         micro = [b.to(acc.device) for b in micro]
-        if prepare is not None:
-            micro = [prepare(b) for b in micro]
+        if prepare is not None:  # it may generate: every unit unsharded, on every process together
+            with training.sharding.gathered(training.model):
+                micro = [prepare(b) for b in micro]
         (units,) = count_batches(training, micro, sum(loss.units(b) for b in micro if not b.empty))
         counted = [not b.empty for b in micro]
         if acc.num_processes == 1:

@@ -101,6 +101,7 @@ class Distill:
         ctx = start_run(cfg, resume, allow_changes)
         model = build_model(ctx)
         teacher = load_teacher(o.teacher, model, ctx.accelerator.device)
+        ctx.sharding.frozen(teacher.model)
         pipeline = teacher.pipeline(model, cfg.data.max_length)
         table = precompute_top_k(ctx, teacher, samples, pipeline, o.teacher_top_k) if o.teacher_top_k else None
         if table is not None:

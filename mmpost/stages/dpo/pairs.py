@@ -115,6 +115,8 @@ class PairEvaluator:
 
     def __init__(self, ctx: RunContext, model: LMM, loss: PairLoss) -> None:
         self.ctx, self.loss = ctx, loss
+        reference = loss.reference_logps.reference if loss.reference_logps is not None else None
+        self.also_runs = [reference.copy] if reference is not None and reference.copy is not None else []
         samples = read_held_out(ctx)
         self.enabled = samples is not None
         if self.enabled:

@@ -134,9 +134,9 @@ class GRPO:
             micro, counted = [b for b in micro if not b.empty], [True] * sum(counted)
         t0 = time.perf_counter()
         training.model.eval()
-        rollouts = [
-            self.rollout(training.model, b.to(acc.device), real) for b, real in zip(micro, counted, strict=True)
-        ]
+        with training.sharding.gathered(training.model):  # generation: each process alone on its prompts
+            pairs = zip(micro, counted, strict=True)
+            rollouts = [self.rollout(training.model, b.to(acc.device), real) for b, real in pairs]
         set_train_mode(training.model)
         t1 = time.perf_counter()
         record = self.optimise(training, rollouts, reference, active=prompts > 0)
