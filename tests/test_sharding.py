@@ -90,8 +90,8 @@ def test_fsdp2_sft_equals_ddp_with_half_the_memory_per_process(sft_runs):
 
 def stage_sections(case: str, synth_dir: Path):
     """(stage, config sections) of each case of ``test_fsdp2_trains_every_stage_as_ddp``."""
-    if case == "align":
-        return "align", {}
+    if case == "align":  # with gradient checkpointing, which recomputes each sharded layer in the backward
+        return "align", {"train": {"gradient_checkpointing": True}}
     if case == "dpo-lora":  # the reference is the policy with its adapters off; held-out pairs with both gathered
         held_out = {"path": str(synth_dir / "pairs.json"), "image_root": str(synth_dir / "images")}
         lora = {"r": 4, "alpha": 8, "dropout": 0.0}
@@ -261,3 +261,14 @@ def test_the_plan_counts_what_a_two_process_run_holds(sft_runs, kind):
     for key in ("parameters", "optimizer_state"):
         # FSDP2 pads each tensor's first dimension to a multiple of the processes: rank 0 holds a few bytes more
         assert planned[key] == pytest.approx(held[f"{key}_bytes"], rel=0.01 if kind == "fsdp2" else 0), key
+
+
+def test_a_checkpoint_resumes_only_with_the_number_of_processes_that_wrote_it(tmp_path):
+    from mmpost.training.checkpoint import load_trainer_state
+
+    for rank in (0, 1):
+        torch.save({"rank": rank}, tmp_path / f"rng-{rank}.pt")
+    torch.save({"loop": {}}, tmp_path / "trainer.pt")
+    with pytest.raises(FileNotFoundError, match="written by 2 process"):
+        load_trainer_state(tmp_path, 0, 1)
+    assert load_trainer_state(tmp_path, 1, 2)[1] == {"rank": 1}
