@@ -142,6 +142,18 @@ class HFVisionEncoder(Encoder):
         self._image_processor = _make_image_processor(processor, directory, processor_cls, vision_config)
         self.output_dim = vision_config.hidden_size
 
+    @classmethod
+    def from_tower(
+        cls, tower: nn.Module, feature_layer: int, drop_cls: bool | None, processor: BaseImageProcessor
+    ) -> HFVisionEncoder:
+        """The encoder around an already loaded ``CLIPVisionModel`` / ``SiglipVisionModel`` (a released VLM's
+        tower), holding its tensors without a copy or a random initialisation first."""
+        with torch.device("meta"):
+            encoder = cls(config=tower.config.to_dict(), feature_layer=feature_layer, drop_cls=drop_cls)
+        encoder.model = tower.float().eval()
+        encoder._image_processor = processor
+        return encoder
+
     @property
     def model_type(self) -> str:
         """The tower family: "clip" or "siglip"."""

@@ -9,6 +9,10 @@ Build and swap parts::
     model.set_connector("image", mmpost.connector("linear"))
     model.save("out"); model = mmpost.load("out")
 
+Start from a released model (LLaVA-1.5-hf, Qwen2-VL, BLIP-2, Qwen2-Audio)::
+
+    model = mmpost.from_pretrained("path/to/llava-1.5-7b-hf")
+
 The names are imported on first use, so that ``import mmpost.interfaces`` (what encoders and connectors import)
 loads no model, data or training code.
 """
@@ -19,18 +23,20 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from mmpost.families import from_pretrained
     from mmpost.model.build import connector, encoder
     from mmpost.model.build import load_lmm as load
     from mmpost.model.lmm import LMM
 
 __version__ = "0.1.0"
-__all__ = ["LMM", "connector", "encoder", "load"]
+__all__ = ["LMM", "connector", "encoder", "from_pretrained", "load"]
 
 _PUBLIC = {
     "LMM": ("mmpost.model.lmm", "LMM"),
     "load": ("mmpost.model.build", "load_lmm"),
     "encoder": ("mmpost.model.build", "encoder"),
     "connector": ("mmpost.model.build", "connector"),
+    "from_pretrained": ("mmpost.families", "from_pretrained"),
 }
 
 

@@ -25,6 +25,20 @@ from torch import nn
 # pipeline to the connector's token count and replaced by media tokens in the LMM.
 PLACEHOLDERS: dict[str, str] = {"image": "<image>", "audio": "<audio>"}
 
+@dataclass(frozen=True)
+class MediaText:
+    """How one medium is written in a model's own text.
+
+    Data always marks a medium with its placeholder (``<image>``). A model may write it otherwise: Qwen2-VL as
+    ``<|vision_start|><|image_pad|><|vision_end|>``, BLIP-2 as query tokens. ``text`` replaces the placeholder
+    before the chat template renders; ``token`` (a single token, inside ``text``) is repeated to the connector's
+    token count and replaced by the media tokens.
+    """
+
+    text: str
+    token: str
+
+
 # The label of a position that no loss reads (prompt, media and padding tokens), as transformers and PyTorch's
 # cross-entropy take it.
 IGNORE = -100

@@ -97,7 +97,7 @@ def test_hf_export_processor_takes_typed_content_as_string_content(make_model, t
 
 def test_export_refuses_a_non_empty_out_and_parts_llava_cannot_hold(make_model, tmp_path):
     model = make_model("mlp", depth=3).eval()
-    with pytest.raises(ExportError, match=r"linear or 2-layer mlp.*MLPConnector of depth 3.*--format mmpost"):
+    with pytest.raises(ExportError, match=r"(?s)linear or 2-layer mlp.*MLPConnector of depth 3.*--format mmpost"):
         export(model, tmp_path / "deep", fmt="hf")
     assert not (tmp_path / "deep").exists()
     (tmp_path / "full").mkdir()

@@ -101,6 +101,8 @@ PART_PATH_KEYS = ("path", "weights")
 # Prefixes of path values that are not plain filesystem paths: mmpost.weights' package paths and
 # webdataset's shell pipes (URLs are recognised by their ``://``).
 _NOT_FILESYSTEM = ("pkg:", "pipe:")
+# ``from: hf:PATH``: a released transformers checkpoint (``mmpost.families.HF_PREFIX``)
+RELEASED_PREFIX = "hf:"
 
 
 def absolute_path(value: str, if_exists: bool = False) -> str:
@@ -116,6 +118,8 @@ def absolute_path(value: str, if_exists: bool = False) -> str:
     """
     if not value or value.startswith(_NOT_FILESYSTEM) or "://" in value:
         return value
+    if value.startswith(RELEASED_PREFIX):  # from: hf:PATH, a released checkpoint's folder or hub id
+        return RELEASED_PREFIX + absolute_path(value[len(RELEASED_PREFIX) :], if_exists=True)
     expanded = os.path.expanduser(value)
     # os.path.exists, not Path.exists: template text can be too long for a file name, which Path raises on.
     if if_exists and not os.path.exists(expanded):

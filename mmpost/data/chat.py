@@ -12,13 +12,14 @@ sample whose media do not fit is skipped.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
 from mmpost.data.sample import DataError, Sample
-from mmpost.interfaces import IGNORE
+from mmpost.interfaces import IGNORE, PLACEHOLDERS
 
 
 @dataclass
@@ -42,6 +43,21 @@ class Encoded:
     labels: list[int]
 
 
+_MEDIA_SPLIT = re.compile("(" + "|".join(re.escape(p) for p in PLACEHOLDERS.values()) + ")\n?")
+_MODALITY_OF = {p: m for m, p in PLACEHOLDERS.items()}
+
+
+def typed_parts(content: str) -> list[dict[str, str]]:
+    """``"<image>\nWhat is it?"`` as typed content: ``[{"type": "image"}, {"type": "text", "text": "What is it?"}]``."""
+    parts: list[dict[str, str]] = []
+    for i, piece in enumerate(_MEDIA_SPLIT.split(content)):
+        if i % 2:
+            parts.append({"type": _MODALITY_OF[piece]})
+        elif piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
 class ChatEncoder:
     """Renders and tokenizes conversations for one model.
 
@@ -49,9 +65,23 @@ class ChatEncoder:
         tokenizer: the LLM's (fast) tokenizer, with a chat template.
         placeholder_ids: per modality, the id of its placeholder token.
         max_length: longest sequence in tokens, media included.
+        media_text: per data placeholder (``<image>``), the text the model writes a medium as, when it is not
+            the placeholder itself (``MediaText.text``).
+        typed_content: the template reads transformers' typed content (``[{"type": "image"}, {"type": "text",
+            "text": ...}]``, as released processors' templates do), so each message's text is split into those
+            parts at the placeholders (``PLACEHOLDERS``) before rendering, and the template writes each medium.
+            A newline right after a placeholder is the separator data writes (``<image>\nQuestion``) and is
+            dropped, as the template adds its own.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, placeholder_ids: Mapping[str, int], max_length: int):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        placeholder_ids: Mapping[str, int],
+        max_length: int,
+        media_text: Mapping[str, str] | None = None,
+        typed_content: bool = False,
+    ):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(
                 "the LLM's tokenizer has no chat template; set model.llm.chat_template to a Jinja template"
@@ -61,11 +91,23 @@ class ChatEncoder:
         self.tokenizer = tokenizer
         self.placeholder_ids = dict(placeholder_ids)
         self.max_length = max_length
+        self.media_text = {k: v for k, v in (media_text or {}).items() if k != v}
+        self.typed_content = typed_content
 
     def render(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False) -> str:
+        if self.typed_content:
+            messages = [{**m, "content": typed_parts(m["content"])} for m in messages]
+        elif self.media_text:
+            messages = [{**m, "content": self.model_text(m["content"])} for m in messages]
         return self.tokenizer.apply_chat_template(
             list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
         )
+
+    def model_text(self, content: str) -> str:
+        """``content`` with every data placeholder written as the model writes that medium."""
+        for placeholder, text in self.media_text.items():
+            content = content.replace(placeholder, text)
+        return content
 
     def assistant_spans(self, sample: Sample) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the character spans of assistant replies in it."""

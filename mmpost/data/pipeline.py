@@ -25,7 +25,7 @@ from mmpost.data.batches import ConversationBatch, PairBatch, PromptBatch
 from mmpost.data.chat import ChatEncoder, Encoded, Skipped
 from mmpost.data.media import DECODERS
 from mmpost.data.sample import Sample
-from mmpost.interfaces import IGNORE, MediaProcessor
+from mmpost.interfaces import IGNORE, PLACEHOLDERS, MediaProcessor
 
 if TYPE_CHECKING:
     from mmpost.model.lmm import LMM
@@ -66,7 +66,8 @@ class Pipeline:
     @classmethod
     def for_model(cls, model: LMM, max_length: int, **options: Any) -> Pipeline:
         """This pipeline for ``model``'s tokenizer, placeholders and encoders."""
-        chat = ChatEncoder(model.tokenizer, model.placeholder_ids, max_length)
+        media_text = {PLACEHOLDERS[m]: t.text for m, t in model.media_text.items()}
+        chat = ChatEncoder(model.tokenizer, model.placeholder_ids, max_length, media_text, model.typed_chat)
         processors = {m: e.preprocessor() for m, e in model.encoders.items()}
         return cls(chat, processors, model.media_tokens, model.tokenizer.pad_token_id, **options)
 

@@ -1,8 +1,9 @@
 """Exports for serving; every export is reloaded and checked against the source before it is reported.
 
 - ``mmpost``: mmpost's own format with LoRA merged; reloads with ``mmpost.load`` for any parts.
-- ``hf``: transformers' ``LlavaForConditionalGeneration`` layout (see ``hf_llava``); reloads with
-  ``AutoModelForImageTextToText`` / ``AutoProcessor``.
+- ``hf``: the transformers class whose layout the parts fit (``mmpost.families``: LLaVA, Qwen2-VL /
+  Qwen2.5-VL, BLIP-2, Qwen2-Audio), with its processor; reloads with the transformers Auto classes. A model
+  that fits none is refused with what each class would need.
 
 With ``quantize``, the quantize pass (``mmpost.quant``) runs first and the LLM is written in the
 compressed-tensors format, which transformers (with ``compressed-tensors`` installed) and vLLM load. The
@@ -22,7 +23,7 @@ import torch
 
 from mmpost.config.schema import DataSourceConfig
 from mmpost.export.check import agreement, check_hf_export, check_mmpost_export, outputs, probes
-from mmpost.export.hf_llava import ExportError, export_llava
+from mmpost.families import ExportError, family_for
 from mmpost.model.build import load_lmm
 from mmpost.model.format import resolve_model_dir
 from mmpost.model.lmm import LMM
@@ -65,10 +66,7 @@ def export(
     else:
         check_out(out, None, force)
     model.eval()
-    if fmt == "hf":
-        from mmpost.export.hf_llava import check_llava_compatible
-
-        check_llava_compatible(model)  # before a long quantize pass
+    family = family_for(model) if fmt == "hf" else None  # before a long quantize pass
     probe_list = probes(model)
     report: dict[str, Any] = {"format": fmt}
     if quantize is not None:
@@ -80,9 +78,10 @@ def export(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with torch.no_grad():
-            if fmt == "hf":
-                export_llava(model, tmp)
-                report["reload"] = check_hf_export(model, tmp, probe_list, expected)
+            if family is not None:
+                family.export(model, tmp)
+                report["layout"] = family.class_names
+                report["reload"] = check_hf_export(model, family, tmp, probe_list, expected)
             else:
                 model.save(tmp, merge_lora=True)
                 report["reload"] = check_mmpost_export(model, tmp, probe_list, expected)

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 from mmpost.data.batches import PromptBatch
 from mmpost.data.pipeline import PromptPipeline
 from mmpost.data.sample import PLACEHOLDERS, Sample
-from mmpost.export.hf_llava import ExportError
+from mmpost.families.base import ExportError, Family
 from mmpost.model.lmm import LMM
 
 PROBE_PROMPTS = ("What is in the image?", "What colour is the shape?", "How many shapes are there?", "Describe it.")
@@ -103,32 +103,29 @@ def check_mmpost_export(model: LMM, out: Path, probe_list: list[Probe], expected
 
 
 @torch.no_grad()
-def check_hf_export(model: LMM, out: Path, probe_list: list[Probe], expected: list) -> dict[str, Any]:
+def check_hf_export(model: LMM, family: Family, out: Path, probe_list: list[Probe], expected: list) -> dict[str, Any]:
     """Loads ``out`` with transformers' Auto classes and compares with ``model`` on the probes.
 
-    Checks that the exported processor gives the same token ids and pixel values as mmpost's own
+    Checks that the exported processor gives the same token ids and media tensors as mmpost's own
     pipeline, that logits agree, and that greedy generation gives the same tokens.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    import transformers
+    from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(out)
-    hf = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
-    got, pixel_diff = [], 0.0
+    hf = getattr(transformers, family.auto_class).from_pretrained(out, dtype=torch.float32).eval()
+    got, media_diff = [], 0.0
     for probe in probe_list:
-        text = model.tokenizer.apply_chat_template(
-            [{"role": "user", "content": PLACEHOLDERS["image"] + "\n" + probe.prompt}],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        inputs = processor(images=[probe.image], text=[text], return_tensors="pt")
+        inputs = family.processor_inputs(processor, model, probe)
         if not torch.equal(inputs["input_ids"], probe.batch.input_ids):
             raise ExportError(
                 f"the exported processor tokenizes the probe differently ({inputs['input_ids'].shape[1]} tokens vs "
                 f"mmpost's {probe.batch.input_ids.shape[1]})"
             )
-        pixel_diff = max(pixel_diff, float((inputs["pixel_values"] - probe.batch.media["image"]).abs().max()))
-        if pixel_diff > 1e-5:
-            raise ExportError(f"the exported image processor differs from mmpost's preprocessing by {pixel_diff:.3g}")
+        if probe.batch.media:
+            media_diff = max(media_diff, family.media_difference(inputs, probe))
+        if media_diff > 1e-5:
+            raise ExportError(f"the exported processor's media differ from mmpost's preprocessing by {media_diff:.3g}")
         tokens = hf.generate(**inputs, max_new_tokens=PROBE_NEW_TOKENS, do_sample=False)
         got.append((hf(**inputs).logits, tokens[:, inputs["input_ids"].shape[1] :]))
-    return {**verdict(expected, got, "transformers' reload of the export"), "pixel_diff": pixel_diff}
+    return {**verdict(expected, got, "transformers' reload of the export"), "media_diff": media_diff}

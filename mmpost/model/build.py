@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from mmpost.checksums import verify_manifest
 from mmpost.config.schema import LoraConfig, ModelConfig
+from mmpost.interfaces import MediaText
 from mmpost.model.format import CONFIG_NAME, FORMAT_VERSION, PARTS_NAME, is_model_dir, names_damage, read_json
 from mmpost.model.lmm import LMM
 from mmpost.model.lora import add_lora, load_adapter
@@ -42,7 +43,8 @@ def build_lmm(cfg: ModelConfig, start: str | Path | None = None) -> LMM:
         cfg: the ``model`` section. Without ``start`` it names the LLM and every part. With ``start``, its
             ``encoders`` / ``connectors`` entries replace those parts of the loaded model (swap a tower or a
             projector between stages; a new modality needs both), and ``lora`` adds adapters.
-        start: a saved model directory to start from (a run's ``final/``: ``from:``).
+        start: a saved model directory to start from (a run's ``final/``: ``from:``), or ``hf:PATH``, a released
+            transformers checkpoint (``mmpost.families``). ``cfg.llm.path`` then puts another LLM under its parts.
 
     Raises:
         ModelConfigError: naming the key that does not fit.
@@ -53,9 +55,16 @@ def build_lmm(cfg: ModelConfig, start: str | Path | None = None) -> LMM:
         if not encoders:
             raise ModelConfigError("model.encoders is empty: name at least one encoder, or start from: an earlier run")
         return LMM(cfg.llm.path or "", encoders, connectors, lora=cfg.lora, llm_config=cfg.llm)
+    from mmpost.families import HF_PREFIX, from_pretrained
+
+    if str(start).startswith(HF_PREFIX):
+        model = from_pretrained(start)
+    else:
+        model = load_lmm(start)
     if cfg.llm.path:
-        raise ModelConfigError("model.llm.path is set together with from:; the LLM comes from the from: run")
-    model = load_lmm(start)
+        from mmpost.model.llm import load_llm
+
+        model.set_llm(*load_llm(cfg.llm))
     for modality, part in encoders.items():
         if modality in model.encoders:
             model.set_encoder(modality, part)
@@ -93,13 +102,28 @@ def load_lmm(path: str | Path, dtype: torch.dtype | None = None, verify: bool = 
     config = read_json(path / CONFIG_NAME)
     if config.get("format") != "mmpost" or config.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path / CONFIG_NAME}: unsupported format {config.get('format')} v{config.get('version')}")
+    positions = None
+    if "positions" in config:  # first: building the scheme registers the LLM class it needs with transformers
+        from mmpost.registry import POSITIONS
+
+        spec = dict(config["positions"])
+        positions = POSITIONS.build(spec.pop("name"), **spec)
     with names_damage(path / "llm", "the LLM"):
         llm = AutoModelForCausalLM.from_pretrained(path / "llm", dtype=dtype or torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path / "llm")
     quantization = adopt_loaded(llm)
     encoders = {m: encoder(**spec) for m, spec in config["encoders"].items()}
     connectors = {m: connector(**spec) for m, spec in config["connectors"].items()}
-    model = LMM(llm, encoders, connectors, tokenizer=tokenizer)
+    media_text = {m: MediaText(**t) for m, t in config["media_text"].items()} if "media_text" in config else None
+    model = LMM(
+        llm,
+        encoders,
+        connectors,
+        tokenizer=tokenizer,
+        media_text=media_text,
+        positions=positions,
+        typed_chat=bool(config.get("typed_chat", False)),
+    )
     model.quantization = quantization
     if config["lora"]:
         with names_damage(path / "llm" / "adapter", "the LoRA adapter"):

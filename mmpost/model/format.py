@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from mmpost.checksums import DamagedFileError, write_manifest
+from mmpost.interfaces import PLACEHOLDERS
 from mmpost.model.lora import merged_base_state_dict, save_adapter
 
 CONFIG_NAME = "mmpost.json"
@@ -101,6 +102,15 @@ def save_lmm(model: torch.nn.Module, path: str | Path, merge_lora: bool = False)
         "connectors": {m: {"name": CONNECTORS.name_of(type(c)), **c.spec()} for m, c in model.connectors.items()},
         "lora": asdict(model.lora_config) if keep_adapter and model.lora_config else None,
     }
+    default = set(model.media_text) == set(PLACEHOLDERS) and all(
+        t.text == t.token == PLACEHOLDERS[m] for m, t in model.media_text.items()
+    )
+    if not default:  # a released model's own media tokens, and only those
+        config["media_text"] = {m: asdict(t) for m, t in model.media_text.items()}
+    if model.positions is not None:
+        config["positions"] = model.positions.spec()
+    if model.typed_chat:
+        config["typed_chat"] = True
     (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     parts = {f"encoders.{k}": v for k, v in model.encoders.state_dict().items()}
     parts |= {f"connectors.{k}": v for k, v in model.connectors.state_dict().items()}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ from mmpost.interfaces import (
     EncoderOutput,
     FusionConnector,
     MediaBatch,
+    MediaText,
     media_count,
 )
 from mmpost.model import fusion
@@ -59,6 +61,31 @@ class TokenLogits:
         return self.logits.reshape(*self.kept.shape, self.logits.shape[-1])
 
 
+class PositionScheme(Protocol):
+    """Position ids a decoder needs that are not 0, 1, 2, ... over each row's tokens (Qwen2-VL's M-RoPE)."""
+
+    def position_ids(
+        self,
+        model: LMM,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        media: Mapping[str, MediaBatch],
+        media_repeat: int = 1,
+    ) -> torch.Tensor:
+        """The ids the decoder takes for the batch (for M-RoPE ``[3, B, T]``); ``media_repeat`` as in ``embed``.
+
+        ``generate`` hands the prompt's ids to transformers, which continues every id row by one per new token.
+        """
+
+    def spec(self) -> dict[str, Any]:
+        """``{"name": ..., **options}``, saved in ``mmpost.json`` (``mmpost.registry.POSITIONS``)."""
+
+
+def default_media_text(modalities) -> dict[str, MediaText]:
+    """Each modality written as its placeholder itself (``<image>``)."""
+    return {m: MediaText(PLACEHOLDERS[m], PLACEHOLDERS[m]) for m in modalities}
+
+
 def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids of a left- or right-padded batch: 0 at each sample's first real token."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -82,6 +109,13 @@ class LMM(nn.Module):
         tokenizer: the LLM's tokenizer; loaded from ``llm`` when it is a path.
         lora: LoRA adapters to add to the LLM (``LoraConfig(r=16)``); None for none.
         llm_config: loading options when ``llm`` is a path (dtype, gguf_file, chat template).
+        media_text: per modality, how the model writes a medium in its text (``MediaText``); by default its
+            placeholder itself (``<image>``), added to the tokenizer as one special token.
+        positions: how the decoder's position ids are computed (``PositionScheme``; Qwen2-VL's 3-D rotary
+            positions from the image grids); None: 0, 1, 2, ... over the real tokens of each row.
+        typed_chat: the tokenizer's chat template reads transformers' typed message content (a released
+            processor's template), so the data's text is split into typed parts before rendering
+            (``mmpost.data.chat.typed_parts``).
     """
 
     def __init__(
@@ -92,6 +126,9 @@ class LMM(nn.Module):
         tokenizer: PreTrainedTokenizerBase | None = None,
         lora: LoraConfig | None = None,
         llm_config: LLMConfig | None = None,
+        media_text: Mapping[str, MediaText] | None = None,
+        positions: PositionScheme | None = None,
+        typed_chat: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(llm, str):
@@ -100,8 +137,12 @@ class LMM(nn.Module):
         if tokenizer is None:
             raise ValueError("LMM: pass tokenizer= with a loaded LLM")
         self.tokenizer = tokenizer
-        token_ids = prepare_tokenizer(llm, tokenizer, list(PLACEHOLDERS.values()))
-        self.placeholder_ids = {modality: token_ids[token] for modality, token in PLACEHOLDERS.items()}
+        self.media_text: dict[str, MediaText] = {}
+        self.placeholder_ids: dict[str, int] = {}
+        self.llm = llm
+        self._add_media_text(media_text if media_text is not None else default_media_text(PLACEHOLDERS))
+        self.positions = positions
+        self.typed_chat = typed_chat
         self.llm = add_lora(llm, lora) if lora is not None and lora.r > 0 else llm
         self.lora_config = lora if lora is not None and lora.r > 0 else None
         self.encoders = nn.ModuleDict()
@@ -143,6 +184,8 @@ class LMM(nn.Module):
             raise ValueError(f"no placeholder token for modality {modality!r}; known: {sorted(PLACEHOLDERS)}")
         if modality in self.encoders:
             raise ValueError(f"modality {modality!r} exists; use set_encoder / set_connector to replace parts")
+        if modality not in self.media_text:  # a released model comes with its own media's tokens only
+            self._add_media_text(default_media_text([modality]))
         self.encoders[modality] = encoder
         self.set_connector(modality, connector)
 
@@ -184,6 +227,33 @@ class LMM(nn.Module):
         if old.in_dim != encoder.output_dim:
             fresh = type(old)(**old.spec())
             self.set_connector(modality, fresh)
+
+    def set_llm(self, llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Puts another LLM (with its tokenizer) under the encoders and connectors.
+
+        Media are written as the new LLM's placeholders (``<image>``) with 1-D positions; a connector keeps
+        its weights when it already gives the new LLM's width, else a fresh one of the same spec is built.
+        LoRA adapters and quantization of the old LLM go with it.
+        """
+        self.tokenizer, self.llm = tokenizer, llm
+        self.media_text, self.placeholder_ids = {}, {}
+        self._add_media_text(default_media_text(PLACEHOLDERS))
+        self.positions, self.typed_chat, self.quantization, self.lora_config = None, False, None, None
+        for handle in (h for handles in self._fusion_hooks.values() for h in handles):
+            handle.remove()
+        self._fusion_hooks = {}
+        for modality, old in list(self.connectors.items()):
+            fits = old.out_dim == self.hidden_size and not isinstance(old, FusionConnector)
+            self.set_connector(modality, old if fits else type(old)(**old.spec()))
+
+    def _add_media_text(self, media_text: Mapping[str, MediaText]) -> None:
+        """Adds each medium's token to the tokenizer (one special token; embeddings resized) and records its id."""
+        unknown = sorted(set(media_text) - set(PLACEHOLDERS))
+        if unknown:
+            raise ValueError(f"media_text for unknown modalities {unknown}; known: {sorted(PLACEHOLDERS)}")
+        token_ids = prepare_tokenizer(self.base_llm, self.tokenizer, [t.token for t in media_text.values()])
+        self.media_text |= dict(media_text)
+        self.placeholder_ids |= {m: token_ids[t.token] for m, t in media_text.items()}
 
     def media_tokens(self, modality: str, input_shape: tuple[int, ...]) -> int:
         """How many LLM tokens one preprocessed medium of ``input_shape`` becomes (1 marker for fusion)."""
@@ -255,14 +325,28 @@ class LMM(nn.Module):
     ) -> torch.Tensor:
         """Last hidden states ``[B, T, D]`` of the LLM's decoder for a (right- or left-) padded batch
         (``media_repeat`` as in ``embed``)."""
-        position_ids = positions_of(attention_mask)
-        embeds, fused = self.embed(input_ids, media, position_ids, media_repeat)
+        text_positions = positions_of(attention_mask)
+        embeds, fused = self.embed(input_ids, media, text_positions, media_repeat)
         decoder = self.base_llm.get_decoder()
-        with self.fusion_state.active(fused, position_ids):
+        position_ids = self.decoder_positions(input_ids, attention_mask, media, media_repeat)
+        with self.fusion_state.active(fused, text_positions):
             out = decoder(
                 inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             )
         return out.last_hidden_state
+
+    def decoder_positions(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        media: Mapping[str, MediaBatch] | None = None,
+        media_repeat: int = 1,
+    ) -> torch.Tensor:
+        """The position ids the decoder takes: 0, 1, 2, ... over each row's real tokens, or the model's own
+        scheme's (``positions``)."""
+        if self.positions is None:
+            return positions_of(attention_mask)
+        return self.positions.position_ids(self, input_ids, attention_mask, media or {}, media_repeat)
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """Applies the LM head (and final logit softcapping where the model has it)."""
@@ -334,9 +418,14 @@ class LMM(nn.Module):
         generate_kwargs.setdefault("suppress_tokens", sorted(self.placeholder_ids.values()))
         if self.base_llm.generation_config.eos_token_id is None:
             generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        if self.positions is not None:  # the prompt's own positions, which transformers continues by one per token
+            repeated = input_ids.repeat_interleave(num_samples, dim=0)
+            generate_kwargs["position_ids"] = self.positions.position_ids(
+                self, repeated, attention_mask.repeat_interleave(num_samples, dim=0), media or {}, num_samples
+            )
         if num_samples > 1 and share_prefill:
             return self._generate_shared(
-                input_ids, attention_mask, embeds, fused, max_new_tokens, num_samples, generate_kwargs
+                input_ids, attention_mask, media, embeds, fused, max_new_tokens, num_samples, generate_kwargs
             )
         if num_samples > 1:  # every prompt repeated G times and prefilled G times (transformers' own way)
             embeds = embeds.repeat_interleave(num_samples, dim=0)
@@ -346,7 +435,7 @@ class LMM(nn.Module):
                 inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **generate_kwargs
             )
 
-    def _generate_shared(self, input_ids, attention_mask, embeds, fused, max_new_tokens, num_samples, kwargs):
+    def _generate_shared(self, input_ids, attention_mask, media, embeds, fused, max_new_tokens, num_samples, kwargs):
         """``generate`` with the prompt prefilled once per prompt and its KV cache repeated for the samples.
 
         All prompt tokens but the last run through the decoder here on the ``B`` prompts (media included);
@@ -359,12 +448,13 @@ class LMM(nn.Module):
         if any(bool((input_ids[:, -1] == p).any()) for p in self.placeholder_ids.values()):
             raise ValueError("a prompt ending in a media placeholder cannot share its prefill")
         position_ids = positions_of(attention_mask)
+        decoder_positions = self.decoder_positions(input_ids, attention_mask, media)
         cache = DynamicCache(config=self.base_llm.config)
         with self.fusion_state.active(fused, position_ids[:, :-1]):
             self.base_llm.get_decoder()(
                 inputs_embeds=embeds[:, :-1],
                 attention_mask=attention_mask[:, :-1],
-                position_ids=position_ids[:, :-1],
+                position_ids=decoder_positions[..., :-1],
                 past_key_values=cache,
                 use_cache=True,
             )

@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from mmpost.config import RunConfig, dump_config
+from mmpost.families import HF_PREFIX
 from mmpost.model.build import build_lmm, load_lmm
 from mmpost.model.format import resolve_model_dir
 from mmpost.model.lmm import LMM
@@ -121,5 +122,7 @@ def build_model(ctx: RunContext) -> LMM:
     if ctx.checkpoint is not None:
         log.info("resuming from %s", ctx.checkpoint)
         return load_lmm(ctx.checkpoint / "model", verify=False)  # start_run checked its checksums
-    start = resolve_model_dir(ctx.cfg.from_, what="from") if ctx.cfg.from_ is not None else None
+    start = ctx.cfg.from_
+    if start is not None and not start.startswith(HF_PREFIX):
+        start = resolve_model_dir(start, what="from")
     return build_lmm(ctx.cfg.model, start)
