@@ -172,7 +172,7 @@ def _image_processor(processor: dict | None, vision_config: Any) -> BaseImagePro
         name = processor.get("image_processor_type", "Qwen2VLImageProcessor")
         cls = getattr(transformers, name, None)
         if not (isinstance(cls, type) and issubclass(cls, BaseImageProcessor)):
-            raise ValueError(f"qwen2_vl encoder: processor names image_processor_type={name!r}, not a transformers class")
+            raise ValueError(f"qwen2_vl encoder: image_processor_type={name!r} is not a transformers image processor")
         return cls.from_dict(dict(processor))
     return transformers.Qwen2VLImageProcessor(
         patch_size=vision_config.patch_size,

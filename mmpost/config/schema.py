@@ -65,7 +65,8 @@ class ModelConfig:
     """The LMM: an LLM plus, per modality, an encoder and a connector.
 
     Attributes:
-        llm: the language model.
+        llm: the language model. With ``from:``, a path here puts this LLM under the earlier model's encoders
+            and connectors (a connector that does not give its width is rebuilt fresh).
         encoders: per modality (``image``), a registered encoder: ``{name: hf_vision, path: ...}``.
             Keys of each encoder are listed under "encoder" below.
         connectors: per modality, a registered connector: ``{name: mlp, depth: 2}``.
@@ -195,9 +196,11 @@ class RunConfig:
             options: ``stage: sft`` or ``stage: {name: dpo, beta: 0.1, ...}`` (each stage's options are listed
             below); loaded as that stage's options dataclass.
         out: the run directory (config.yaml, metrics.jsonl, checkpoints/, final/).
-        from_: start from an earlier run directory (its ``final/``) or a saved model directory; the
-            ``model`` section then only changes it: ``model.encoders`` / ``model.connectors`` entries
-            replace those parts, ``model.lora`` adds adapters. Written ``from:`` in YAML.
+        from_: start from an earlier run directory (its ``final/``), a saved model directory, or ``hf:PATH``, a
+            released transformers checkpoint (a folder or hub id of LLaVA-1.5-hf, Qwen2-VL, Qwen2.5-VL, BLIP-2,
+            InstructBLIP, Qwen2-Audio; ``mmpost.families``) taken apart into mmpost parts; the ``model`` section
+            then only changes it: ``model.llm.path`` swaps the LLM, ``model.encoders`` / ``model.connectors``
+            entries replace those parts, ``model.lora`` adds adapters. Written ``from:`` in YAML.
         seed: seed for weights, data order and dropout (numpy takes seeds below 2**32).
         model: the LMM to build when not starting ``from:`` a run.
         data: the datasets.

@@ -80,7 +80,7 @@ def export(
         with torch.no_grad():
             if family is not None:
                 family.export(model, tmp)
-                report["layout"] = family.class_names
+                report["layout"] = json.loads((tmp / "config.json").read_text())["architectures"][0]
                 report["reload"] = check_hf_export(model, family, tmp, probe_list, expected)
             else:
                 model.save(tmp, merge_lora=True)

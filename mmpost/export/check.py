@@ -1,4 +1,5 @@
-"""Reloading an export and comparing it with the source model on a few probe images and prompts."""
+"""Reloading an export and comparing it with the source model on a few probe prompts, with a probe image and
+a probe audio clip for a model that reads them."""
 
 from __future__ import annotations
 
@@ -7,18 +8,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import soundfile
 import torch
 from PIL import Image, ImageDraw
 
 from mmpost.data.batches import PromptBatch
+from mmpost.data.media import decode_audio
 from mmpost.data.pipeline import PromptPipeline
 from mmpost.data.sample import PLACEHOLDERS, Sample
 from mmpost.families.base import ExportError, Family
+from mmpost.interfaces import Audio
 from mmpost.model.lmm import LMM
 
 PROBE_PROMPTS = ("What is in the image?", "What colour is the shape?", "How many shapes are there?", "Describe it.")
 PROBE_NEW_TOKENS = 8
 _PROBE_COLOURS = ((220, 0, 0), (0, 170, 0), (0, 0, 230), (250, 210, 0))
+PROBE_RATE = 16_000
 
 
 def probe_image(index: int, size: int = 64) -> Image.Image:
@@ -34,13 +40,33 @@ def probe_image(index: int, size: int = 64) -> Image.Image:
     return image
 
 
+def probe_audio(index: int) -> bytes:
+    """A small deterministic clip as WAV bytes (float samples, so decoding gives them back exactly): ``index % 3
+    + 1`` beeps of one pitch, 0.25 s each with 0.25 s of quiet between, 16 kHz. Like the probe pictures, any clip
+    serves a comparison of two implementations."""
+    step = PROBE_RATE // 4
+    t = np.arange(step) / PROBE_RATE
+    tone = 0.4 * np.sin(2 * np.pi * 220.0 * (index % 4 + 1) * t) * np.hanning(step)
+    quiet = np.zeros(step)
+    waveform = np.concatenate([quiet] + [np.concatenate([tone, quiet]) for _ in range(index % 3 + 1)])
+    wav = io.BytesIO()
+    soundfile.write(wav, waveform.astype(np.float32), PROBE_RATE, format="WAV", subtype="FLOAT")
+    return wav.getvalue()
+
+
 @dataclass
 class Probe:
-    """One prompt (with a probe image when the model reads images) as mmpost's pipeline batches it."""
+    """One prompt (with a probe image and a probe clip when the model reads them) as mmpost's pipeline batches it.
+
+    Attributes:
+        audio: the clip as mmpost decodes it (what a family's processor is given too); None for a model
+            without audio.
+    """
 
     prompt: str
     image: Any
     batch: PromptBatch
+    audio: Audio | None = None
 
     def args(self) -> tuple:
         return self.batch.input_ids, self.batch.attention_mask, self.batch.media
@@ -48,20 +74,21 @@ class Probe:
 
 def probes(model: LMM, count: int = len(PROBE_PROMPTS), image_size: int = 64) -> list[Probe]:
     pipeline = PromptPipeline.for_model(model, max_length=1 << 30)
-    reads_images = "image" in model.modalities
     out = []
     for i in range(count):
         image = probe_image(i, image_size)
         png = io.BytesIO()
         image.save(png, format="PNG")
+        media: dict[str, list[bytes]] = {}
+        if "image" in model.modalities:
+            media["image"] = [png.getvalue()]
+        if "audio" in model.modalities:
+            media["audio"] = [probe_audio(i)]
         prompt = PROBE_PROMPTS[i % len(PROBE_PROMPTS)]
-        prefix = PLACEHOLDERS["image"] + "\n" if reads_images else ""
-        sample = Sample(
-            id=f"probe-{i}",
-            messages=[{"role": "user", "content": prefix + prompt}],
-            media={"image": [png.getvalue()]} if reads_images else {},
-        )
-        out.append(Probe(prompt, image, pipeline.collate([pipeline.process(sample)])))
+        prefix = "".join(PLACEHOLDERS[m] + "\n" for m in media)
+        sample = Sample(id=f"probe-{i}", messages=[{"role": "user", "content": prefix + prompt}], media=media)
+        audio = decode_audio(media["audio"][0]) if "audio" in media else None
+        out.append(Probe(prompt, image, pipeline.collate([pipeline.process(sample)]), audio))
     return out
 
 

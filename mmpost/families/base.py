@@ -169,6 +169,9 @@ def assemble(
     if tied:
         hf.tie_weights()
     hf.generation_config = copy.deepcopy(model.base_llm.generation_config)
+    # as mmpost's generate does: a media token in generated text would stand for media that do not exist
+    suppressed = set(hf.generation_config.suppress_tokens or []) | set(model.placeholder_ids.values())
+    hf.generation_config.suppress_tokens = sorted(suppressed)
     return hf.eval()
 
 

@@ -153,9 +153,9 @@ def projector_connector(projector: nn.Module, config: Any, in_dim: int):
     if act == "gelu":
         connector = MLPConnector(depth=2, bias=bias)
         connector.build(in_dim, width)
-        connector.layers.load_state_dict({f"0.{k}": v for k, v in first.state_dict().items()} | {
-            f"2.{k}": v for k, v in second.state_dict().items()
-        })
+        connector.layers.load_state_dict(
+            {f"0.{k}": v for k, v in first.state_dict().items()} | {f"2.{k}": v for k, v in second.state_dict().items()}
+        )
         return connector
     if act == "linear":
         connector = LinearConnector(bias=bias)

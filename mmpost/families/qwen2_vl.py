@@ -77,8 +77,10 @@ class Qwen2VL(Family):
         template, typed = chat_template_of(directory, tokenizer)
         tokenizer.chat_template = template
         token = tokenizer.convert_ids_to_tokens(config.image_token_id)
-        start, end = (tokenizer.convert_ids_to_tokens(config.vision_start_token_id),
-                      tokenizer.convert_ids_to_tokens(config.vision_end_token_id))
+        start, end = (
+            tokenizer.convert_ids_to_tokens(config.vision_start_token_id),
+            tokenizer.convert_ids_to_tokens(config.vision_end_token_id),
+        )
         model = LMM(
             llm,
             {"image": encoder},

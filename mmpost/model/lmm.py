@@ -381,7 +381,6 @@ class LMM(nn.Module):
         kept = targets != IGNORE  # [B, T-1]
         return TokenLogits(self.logits_from_hidden(hidden[:, :-1][kept]), kept, targets[kept])  # [N, V]
 
-    @torch.no_grad()
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -403,69 +402,14 @@ class LMM(nn.Module):
                 decoding is greedy by default.
 
         Returns:
-            ``[B * num_samples, L]`` new tokens, padded with the pad id after a sequence ends.
+            ``[B * num_samples, L]`` new tokens, padded with the pad id after a sequence ends
+            (``mmpost.model.generation``).
         """
-        if attention_mask[:, -1].min() == 0:
-            raise ValueError("generate() needs left-padded prompts (pad on the left, last column all real tokens)")
-        position_ids = positions_of(attention_mask)  # what transformers' generate() computes too
-        embeds, fused = self.embed(input_ids, media, position_ids)
-        generate_kwargs.setdefault("do_sample", False)
-        # transformers keeps the processes of a sharded model generating in lock step (an all-reduce per token);
-        # mmpost generates with every shard gathered (mmpost.training.sharding), so each process goes alone
-        generate_kwargs.setdefault("synced_gpus", False)
-        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        # a media placeholder in generated text would stand for media that do not exist
-        generate_kwargs.setdefault("suppress_tokens", sorted(self.placeholder_ids.values()))
-        if self.base_llm.generation_config.eos_token_id is None:
-            generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
-        if self.positions is not None:  # the prompt's own positions, which transformers continues by one per token
-            repeated = input_ids.repeat_interleave(num_samples, dim=0)
-            generate_kwargs["position_ids"] = self.positions.position_ids(
-                self, repeated, attention_mask.repeat_interleave(num_samples, dim=0), media or {}, num_samples
-            )
-        if num_samples > 1 and share_prefill:
-            return self._generate_shared(
-                input_ids, attention_mask, media, embeds, fused, max_new_tokens, num_samples, generate_kwargs
-            )
-        if num_samples > 1:  # every prompt repeated G times and prefilled G times (transformers' own way)
-            embeds = embeds.repeat_interleave(num_samples, dim=0)
-            attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
-        with self.fusion_state.active(fused, positions_of(attention_mask)):
-            return self.llm.generate(
-                inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **generate_kwargs
-            )
+        from mmpost.model.generation import generate
 
-    def _generate_shared(self, input_ids, attention_mask, media, embeds, fused, max_new_tokens, num_samples, kwargs):
-        """``generate`` with the prompt prefilled once per prompt and its KV cache repeated for the samples.
-
-        All prompt tokens but the last run through the decoder here on the ``B`` prompts (media included);
-        the cache is repeated ``G`` times along the batch and handed to transformers' ``generate`` with the
-        repeated token ids, so ``generate`` computes only the last prompt token (always text: the generation
-        prompt) and the new ones. This is transformers' documented prefix-cache reuse.
-        """
-        from transformers import DynamicCache
-
-        if any(bool((input_ids[:, -1] == p).any()) for p in self.placeholder_ids.values()):
-            raise ValueError("a prompt ending in a media placeholder cannot share its prefill")
-        position_ids = positions_of(attention_mask)
-        decoder_positions = self.decoder_positions(input_ids, attention_mask, media)
-        cache = DynamicCache(config=self.base_llm.config)
-        with self.fusion_state.active(fused, position_ids[:, :-1]):
-            self.base_llm.get_decoder()(
-                inputs_embeds=embeds[:, :-1],
-                attention_mask=attention_mask[:, :-1],
-                position_ids=decoder_positions[..., :-1],
-                past_key_values=cache,
-                use_cache=True,
-            )
-        cache.batch_repeat_interleave(num_samples)
-        ids = input_ids.repeat_interleave(num_samples, dim=0)
-        mask = attention_mask.repeat_interleave(num_samples, dim=0)
-        with self.fusion_state.active(fused, positions_of(mask)):
-            out = self.llm.generate(
-                input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=max_new_tokens, **kwargs
-            )
-        return out[:, ids.shape[1] :]
+        return generate(
+            self, input_ids, attention_mask, media, max_new_tokens, num_samples, share_prefill, **generate_kwargs
+        )
 
     # ----------------------------------------------------------------- save / load
 
