@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("generate", help="answer a prompt about media with a saved model")
-    p.add_argument("model", help="a saved model directory or a run (its final/)")
+    p.add_argument("model", help="a saved model directory, a run (its final/), or hf:PATH (a released checkpoint)")
     p.add_argument("--image", action="append", help="image file (repeat for several); prepended as <image>")
     p.add_argument("--audio", action="append", help="wav / flac file (repeat for several); prepended as <audio>")
     p.add_argument("--prompt", required=True)
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="write a model for serving (mmpost format, or transformers' LLaVA layout)")
-    p.add_argument("model", help="a saved model directory or a run (its final/)")
+    p.add_argument("model", help="a saved model directory, a run (its final/), or hf:PATH (a released checkpoint)")
     p.add_argument("--format", choices=["hf", "mmpost"], default="mmpost")
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing it")

@@ -10,8 +10,7 @@ import torch
 from mmpost.data.chat import Skipped
 from mmpost.data.pipeline import PromptPipeline
 from mmpost.data.sample import PLACEHOLDERS, Sample
-from mmpost.model.build import load_lmm
-from mmpost.model.format import resolve_model_dir
+from mmpost.families import open_model
 from mmpost.model.lmm import LMM
 
 
@@ -33,7 +32,7 @@ def answer(
         ValueError: when the prompt's placeholders do not match the images, or an image cannot be read.
     """
     if not isinstance(model, LMM):
-        model = load_lmm(resolve_model_dir(model))
+        model = open_model(model)
     given = {"image": [Path(p) for p in images], "audio": [Path(p) for p in audios]}
     for modality, files in given.items():
         for file in files:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from mmpost.config import RunConfig
+from mmpost.families import HF_PREFIX
 from mmpost.model.build import connector, encoder
 from mmpost.model.format import CONFIG_NAME, resolve_model_dir
 
@@ -76,6 +77,11 @@ def llm_config(path: str) -> dict[str, Any]:
 def part_specs(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, dict], dict[str, dict], int]:
     """(LLM config, encoder specs, connector specs, LoRA rank) of the run's model, from ``from:`` or ``model``."""
     encoders, connectors, lora = dict(cfg.model.encoders), dict(cfg.model.connectors), cfg.model.lora.r
+    if cfg.from_ is not None and cfg.from_.startswith(HF_PREFIX):
+        raise ValueError(
+            f"plan: from: {cfg.from_} is a released checkpoint; plan sizes mmpost models: save it once with "
+            f"mmpost.from_pretrained('{cfg.from_[len(HF_PREFIX) :]}').save(DIR) and plan with from: DIR"
+        )
     if cfg.from_ is not None:
         saved = resolve_model_dir(cfg.from_, what="from")
         spec = json.loads((saved / CONFIG_NAME).read_text())

@@ -186,3 +186,17 @@ def test_another_llm_under_a_released_llava_exports_to_llava(checkpoints, tmp_pa
     assert read_report(out)["layout"] == "LlavaForConditionalGeneration"
     config = transformers.AutoConfig.from_pretrained(out)
     assert config.text_config.model_type == "qwen2" and config.vision_config.model_type == "clip_vision_model"
+
+
+def test_a_released_checkpoint_re_exports_quantized_and_answers_from_the_command_line(
+    checkpoints, tmp_path, synth_dir, capsys
+):
+    source = f"hf:{checkpoints['qwen2_vl']}"
+    out = tmp_path / "w8"
+    assert main(["export", source, "--format", "hf", "--quantize", "w8a16", "--out", str(out)]) == 0
+    report = read_report(out)
+    assert report["layout"] == "Qwen2VLForConditionalGeneration" and report["reload"]["greedy_agreement"] == "4/4"
+    image = synth_dir / "images" / "heldout" / "000001.png"
+    capsys.readouterr()
+    assert main(["generate", source, "--image", str(image), "--prompt", "What colour is it?"]) == 0
+    assert capsys.readouterr().out.strip()

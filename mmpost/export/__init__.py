@@ -23,7 +23,7 @@ import torch
 
 from mmpost.config.schema import DataSourceConfig
 from mmpost.export.check import agreement, check_hf_export, check_mmpost_export, outputs, probes
-from mmpost.families import ExportError, family_for
+from mmpost.families import HF_PREFIX, ExportError, family_for, from_pretrained
 from mmpost.model.build import load_lmm
 from mmpost.model.format import resolve_model_dir
 from mmpost.model.lmm import LMM
@@ -59,12 +59,15 @@ def export(
     if fmt not in ("mmpost", "hf"):
         raise ExportError(f"unknown export format {fmt!r}; use mmpost or hf")
     source_dir = None
-    if not isinstance(model, LMM):
+    if isinstance(model, LMM):
+        check_out(out, None, force)
+    elif str(model).startswith(HF_PREFIX):  # a released checkpoint, re-exported (quantized, say) as it is
+        check_out(out, Path(str(model)[len(HF_PREFIX) :]), force)
+        model = from_pretrained(model)
+    else:
         source_dir = resolve_model_dir(model)
         check_out(out, Path(model), force)
         model = load_lmm(source_dir)
-    else:
-        check_out(out, None, force)
     model.eval()
     family = family_for(model) if fmt == "hf" else None  # before a long quantize pass
     probe_list = probes(model)

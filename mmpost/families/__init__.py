@@ -26,15 +26,28 @@ HF_PREFIX = "hf:"
 FAMILIES = Registry("released model family")
 FAMILIES.add("llava", "mmpost.families.llava:Llava")
 FAMILIES.add("qwen2_vl", "mmpost.families.qwen2_vl:Qwen2VL")
+FAMILIES.add("blip2", "mmpost.families.blip2:Blip2")
+FAMILIES.add("qwen2_audio", "mmpost.families.qwen2_audio:Qwen2Audio")
 
 # config.json architecture -> family
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "llava",
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
+    "Blip2ForConditionalGeneration": "blip2",
+    "Qwen2AudioForConditionalGeneration": "qwen2_audio",
 }
 
-__all__ = ["ARCHITECTURES", "FAMILIES", "HF_PREFIX", "CheckpointError", "ExportError", "family_for", "from_pretrained"]
+__all__ = [
+    "ARCHITECTURES",
+    "FAMILIES",
+    "HF_PREFIX",
+    "CheckpointError",
+    "ExportError",
+    "family_for",
+    "from_pretrained",
+    "open_model",
+]
 
 
 def family(name: str) -> Family:
@@ -65,6 +78,16 @@ def from_pretrained(path: str | Path) -> LMM:
             f"mmpost imports {', '.join(sorted(ARCHITECTURES))}"
         )
     return family(ARCHITECTURES[known[0]]).load(directory, known[0])
+
+
+def open_model(source: str | Path, what: str = "model") -> LMM:
+    """The model ``source`` names: a run (its ``final/``), a saved mmpost model, or ``hf:PATH`` (a released one)."""
+    from mmpost.model.build import load_lmm
+    from mmpost.model.format import resolve_model_dir
+
+    if str(source).startswith(HF_PREFIX):
+        return from_pretrained(source)
+    return load_lmm(resolve_model_dir(source, what=what))
 
 
 def family_for(model: LMM) -> Family:
