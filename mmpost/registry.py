@@ -90,6 +90,6 @@ STAGES.add("dpo", "mmpost.stages.dpo.stage:DPO")
 STAGES.add("grpo", "mmpost.stages.grpo.stage:GRPO")
 STAGES.add("distill", "mmpost.stages.distill.stage:Distill")
 
-# Position schemes of decoders whose position ids are not 0, 1, 2, ... (``mmpost.model.lmm.PositionScheme``).
+# Position schemes of decoders whose position ids are not 0, 1, 2, ... (``mmpost.model.positions.PositionScheme``).
 POSITIONS = Registry("position scheme")
 POSITIONS.add("mrope", "mmpost.families.mrope:MRope")

@@ -23,7 +23,6 @@ from torch import nn
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
-    from mmpost.export.check import Probe
     from mmpost.model.lmm import LMM
 
 log = logging.getLogger("mmpost")
@@ -39,6 +38,9 @@ class CheckpointError(ValueError):
 
 class Family(ABC):
     """One released model family: its transformers classes, how a checkpoint becomes mmpost parts, and back.
+
+    ``probe`` arguments are the export check's probes (``mmpost.export.check.Probe``: a prompt, its raw media and
+    mmpost's batch of them); that module imports this one, so they are typed loosely here.
 
     Attributes:
         name: the family's registry name (``llava``).
@@ -67,11 +69,11 @@ class Family(ABC):
         """Writes ``model`` (whose parts fit) to ``out`` as this family's transformers model and processor."""
 
     @abstractmethod
-    def processor_inputs(self, processor: Any, model: LMM, probe: Probe) -> dict[str, torch.Tensor]:
+    def processor_inputs(self, processor: Any, model: LMM, probe: Any) -> dict[str, torch.Tensor]:
         """What the exported ``processor`` gives for ``probe`` (its text rendered as transformers users do)."""
 
     @abstractmethod
-    def media_difference(self, inputs: Mapping[str, torch.Tensor], probe: Probe) -> float:
+    def media_difference(self, inputs: Mapping[str, torch.Tensor], probe: Any) -> float:
         """Max |difference| between the processor's media tensors and mmpost's for the probe."""
 
     @property
@@ -247,7 +249,7 @@ def typed_content_template(template: str, placeholders: Mapping[str, str]) -> st
     return prologue + template
 
 
-def prompt_text(processor: Any, model: LMM, probe: Probe, modality: str) -> str:
+def prompt_text(processor: Any, model: LMM, probe: Any, modality: str) -> str:
     """The probe's prompt as a transformers user renders it: typed content through the processor's template
     (mmpost's string content through the tokenizer's when the processor has none)."""
     from mmpost.interfaces import PLACEHOLDERS

@@ -36,15 +36,16 @@ def connector(name: str, **kwargs: Any):
     return CONNECTORS.build(name, **kwargs)
 
 
-def build_lmm(cfg: ModelConfig, start: str | Path | None = None) -> LMM:
+def build_lmm(cfg: ModelConfig, start: str | Path | LMM | None = None) -> LMM:
     """The model a run config describes.
 
     Args:
         cfg: the ``model`` section. Without ``start`` it names the LLM and every part. With ``start``, its
             ``encoders`` / ``connectors`` entries replace those parts of the loaded model (swap a tower or a
             projector between stages; a new modality needs both), and ``lora`` adds adapters.
-        start: a saved model directory to start from (a run's ``final/``: ``from:``), or ``hf:PATH``, a released
-            transformers checkpoint (``mmpost.families``). ``cfg.llm.path`` then puts another LLM under its parts.
+        start: a saved model directory to start from (a run's ``final/``: ``from:``), or a model already loaded
+            (a released checkpoint taken apart by ``mmpost.families``). ``cfg.llm.path`` then puts another LLM
+            under its parts.
 
     Raises:
         ModelConfigError: naming the key that does not fit.
@@ -55,12 +56,7 @@ def build_lmm(cfg: ModelConfig, start: str | Path | None = None) -> LMM:
         if not encoders:
             raise ModelConfigError("model.encoders is empty: name at least one encoder, or start from: an earlier run")
         return LMM(cfg.llm.path or "", encoders, connectors, lora=cfg.lora, llm_config=cfg.llm)
-    from mmpost.families import HF_PREFIX, from_pretrained
-
-    if str(start).startswith(HF_PREFIX):
-        model = from_pretrained(start)
-    else:
-        model = load_lmm(start)
+    model = start if isinstance(start, LMM) else load_lmm(start)
     if cfg.llm.path:
         from mmpost.model.llm import load_llm
 

@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
 
 from mmpost.interfaces import MediaBatch
-
-if TYPE_CHECKING:
-    from mmpost.model.lmm import LMM
+from mmpost.model.positions import positions_of
 
 
 @torch.no_grad()
 def generate(
-    model: LMM,
+    model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     media: Mapping[str, MediaBatch] | None,
@@ -32,9 +29,8 @@ def generate(
     share_prefill: bool,
     **kwargs,
 ) -> torch.Tensor:
-    """``LMM.generate``: new tokens ``[B * num_samples, L]`` for left-padded prompts."""
-    from mmpost.model.lmm import positions_of
-
+    """``LMM.generate`` of ``model`` (an LMM; this module is the LMM's and does not import it back): new tokens
+    ``[B * num_samples, L]`` for left-padded prompts."""
     if attention_mask[:, -1].min() == 0:
         raise ValueError("generate() needs left-padded prompts (pad on the left, last column all real tokens)")
     position_ids = positions_of(attention_mask)  # what transformers' generate() computes too
@@ -77,8 +73,6 @@ def _generate_shared(model, input_ids, attention_mask, media, embeds, fused, max
     repeated token ids, so ``generate`` computes only the last prompt token (always text: the generation
     prompt) and the new ones. This is transformers' documented prefix-cache reuse.
     """
-    from mmpost.model.lmm import positions_of
-
     if any(bool((input_ids[:, -1] == p).any()) for p in model.placeholder_ids.values()):
         raise ValueError("a prompt ending in a media placeholder cannot share its prefill")
     position_ids = positions_of(attention_mask)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -37,6 +36,7 @@ from mmpost.model.format import save_lmm
 from mmpost.model.fusion import FusionMedia, FusionState
 from mmpost.model.llm import load_llm, prepare_tokenizer
 from mmpost.model.lora import add_lora, base_causal_lm, has_lora
+from mmpost.model.positions import PositionScheme, positions_of
 
 
 @dataclass
@@ -61,34 +61,9 @@ class TokenLogits:
         return self.logits.reshape(*self.kept.shape, self.logits.shape[-1])
 
 
-class PositionScheme(Protocol):
-    """Position ids a decoder needs that are not 0, 1, 2, ... over each row's tokens (Qwen2-VL's M-RoPE)."""
-
-    def position_ids(
-        self,
-        model: LMM,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        media: Mapping[str, MediaBatch],
-        media_repeat: int = 1,
-    ) -> torch.Tensor:
-        """The ids the decoder takes for the batch (for M-RoPE ``[3, B, T]``); ``media_repeat`` as in ``embed``.
-
-        ``generate`` hands the prompt's ids to transformers, which continues every id row by one per new token.
-        """
-
-    def spec(self) -> dict[str, Any]:
-        """``{"name": ..., **options}``, saved in ``mmpost.json`` (``mmpost.registry.POSITIONS``)."""
-
-
 def default_media_text(modalities) -> dict[str, MediaText]:
     """Each modality written as its placeholder itself (``<image>``)."""
     return {m: MediaText(PLACEHOLDERS[m], PLACEHOLDERS[m]) for m in modalities}
-
-
-def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of a left- or right-padded batch: 0 at each sample's first real token."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _count_error(modality: str, placeholders: int, num_media: int, tokens: str) -> ValueError:

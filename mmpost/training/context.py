@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from mmpost.config import RunConfig, dump_config
-from mmpost.families import HF_PREFIX
+from mmpost.families import HF_PREFIX, from_pretrained
 from mmpost.model.build import build_lmm, load_lmm
 from mmpost.model.format import resolve_model_dir
 from mmpost.model.lmm import LMM
@@ -123,6 +123,6 @@ def build_model(ctx: RunContext) -> LMM:
         log.info("resuming from %s", ctx.checkpoint)
         return load_lmm(ctx.checkpoint / "model", verify=False)  # start_run checked its checksums
     start = ctx.cfg.from_
-    if start is not None and not start.startswith(HF_PREFIX):
-        start = resolve_model_dir(start, what="from")
+    if start is not None:
+        start = from_pretrained(start) if start.startswith(HF_PREFIX) else resolve_model_dir(start, what="from")
     return build_lmm(ctx.cfg.model, start)
