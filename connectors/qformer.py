@@ -115,6 +115,24 @@ class QFormerConnector(Connector):
                 f"qformer: {sizes['num_attention_heads']} heads do not divide hidden_size {sizes['hidden_size']}"
             )
 
+    @classmethod
+    def from_modules(
+        cls, qformer: Blip2QFormerModel, query_tokens: nn.Parameter, projection: nn.Linear
+    ) -> QFormerConnector:
+        """The connector around a released BLIP-2's loaded ``qformer``, ``query_tokens`` (``[1, Q, H]``) and
+        ``language_projection``, holding their tensors with no random initialisation and no file read; built for
+        the Q-Former's encoder width and the projection's output width."""
+        config = qformer.config
+        connector = cls(
+            num_queries=query_tokens.shape[1],
+            **{arg: getattr(config, key) for key, arg in _SIZE_ARGS.items()},
+            config={key: getattr(config, key) for key in CONFIG_KEYS},
+        )
+        with torch.device("meta"):
+            connector.build(config.encoder_hidden_size, projection.out_features)
+        connector.qformer, connector.query_tokens, connector.proj = qformer.float().eval(), query_tokens, projection
+        return connector
+
     def _build(self, in_dim: int, out_dim: int) -> None:
         if self.encoder_width is not None and self.encoder_width != in_dim:
             raise ValueError(
