@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -34,11 +34,15 @@ _SIZE_ARGS = {
     "cross_attention_frequency": "cross_attention_frequency",
 }
 _DEFAULTS = Blip2QFormerConfig().to_dict()
-# The Q-Former's own fields (not PretrainedConfig's generic ones) that `config` holds: all but the sizes,
-# which have arguments, and the encoder width, which the encoder fixes
-CONFIG_KEYS = tuple(
-    sorted(set(_DEFAULTS) - set(PretrainedConfig().to_dict()) - set(_SIZE_ARGS) - {"encoder_hidden_size"})
-)
+
+
+def own_fields(defaults: dict[str, Any]) -> tuple[str, ...]:
+    """The Q-Former's own fields (not PretrainedConfig's generic ones) that `config` holds: all but the sizes,
+    which have arguments, and the encoder width, which the encoder fixes."""
+    return tuple(sorted(set(defaults) - set(PretrainedConfig().to_dict()) - set(_SIZE_ARGS) - {"encoder_hidden_size"}))
+
+
+CONFIG_KEYS = own_fields(_DEFAULTS)
 
 
 class QFormerConnector(Connector):
@@ -70,6 +74,12 @@ class QFormerConnector(Connector):
             do not divide ``hidden_size``, or (at build) a checkpoint made for another encoder width.
     """
 
+    name: ClassVar[str] = "qformer"
+    config_class: ClassVar[type] = Blip2QFormerConfig
+    model_class: ClassVar[type] = Blip2QFormerModel
+    defaults: ClassVar[dict[str, Any]] = _DEFAULTS
+    config_keys: ClassVar[tuple[str, ...]] = CONFIG_KEYS
+
     def __init__(
         self,
         num_queries: int = 32,
@@ -83,12 +93,13 @@ class QFormerConnector(Connector):
         path: str | None = None,
     ) -> None:
         super().__init__()
+        name, keys = self.name, self.config_keys
         if path is not None and config is not None:
-            raise ValueError("qformer: give `path` (whose checkpoint config is used) or `config`, not both")
-        unknown = sorted(set(config or {}) - set(CONFIG_KEYS))
+            raise ValueError(f"{name}: give `path` (whose checkpoint config is used) or `config`, not both")
+        unknown = sorted(set(config or {}) - set(keys))
         if unknown:
             named = [f"{key} (set it with `{_SIZE_ARGS[key]}`)" if key in _SIZE_ARGS else key for key in unknown]
-            raise ValueError(f"qformer: unknown config keys {', '.join(named)}; valid: {', '.join(CONFIG_KEYS)}")
+            raise ValueError(f"{name}: unknown config keys {', '.join(named)}; valid: {', '.join(keys)}")
         self.path = path
         self.pretrained: dict[str, torch.Tensor] = {}
         self.encoder_width: int | None = None  # fixed by a checkpoint's cross-attention
@@ -103,16 +114,16 @@ class QFormerConnector(Connector):
         if path is not None:
             loaded, num_queries, self.pretrained = _read_checkpoint(path, num_queries)
             sizes = {key: loaded[key] for key in sizes}
-            fields = {key: loaded[key] for key in CONFIG_KEYS}
+            fields = {key: loaded[key] for key in keys}
             self.encoder_width = loaded["encoder_hidden_size"]
         self.num_queries = num_queries
         self.sizes = sizes
         self.dropout = dropout
         # only the fields that differ from the defaults, so spec() stays short for the common case
-        self.config = {key: value for key, value in fields.items() if value != _DEFAULTS[key]}
+        self.config = {key: value for key, value in fields.items() if value != self.defaults[key]}
         if sizes["hidden_size"] % sizes["num_attention_heads"]:
             raise ValueError(
-                f"qformer: {sizes['num_attention_heads']} heads do not divide hidden_size {sizes['hidden_size']}"
+                f"{name}: {sizes['num_attention_heads']} heads do not divide hidden_size {sizes['hidden_size']}"
             )
 
     @classmethod
@@ -126,7 +137,7 @@ class QFormerConnector(Connector):
         connector = cls(
             num_queries=query_tokens.shape[1],
             **{arg: getattr(config, key) for key, arg in _SIZE_ARGS.items()},
-            config={key: getattr(config, key) for key in CONFIG_KEYS},
+            config={key: getattr(config, key) for key in cls.config_keys},
         )
         with torch.device("meta"):
             connector.build(config.encoder_hidden_size, projection.out_features)
@@ -142,8 +153,8 @@ class QFormerConnector(Connector):
         dropout = {}
         if self.dropout is not None:  # the argument sets both, over the checkpoint's and `config`'s
             dropout = {"hidden_dropout_prob": self.dropout, "attention_probs_dropout_prob": self.dropout}
-        config = Blip2QFormerConfig(**{**self.config, **dropout, **self.sizes, "encoder_hidden_size": in_dim})
-        self.qformer = Blip2QFormerModel(config)
+        config = self.config_class(**{**self.config, **dropout, **self.sizes, "encoder_hidden_size": in_dim})
+        self.qformer = self.model_class(config)
         self.query_tokens = nn.Parameter(torch.randn(1, self.num_queries, config.hidden_size) * 0.02)
         self.proj = nn.Linear(config.hidden_size, out_dim)
         if self.pretrained:

@@ -25,6 +25,7 @@ from torch import nn
 # pipeline to the connector's token count and replaced by media tokens in the LMM.
 PLACEHOLDERS: dict[str, str] = {"image": "<image>", "audio": "<audio>"}
 
+
 @dataclass(frozen=True)
 class MediaText:
     """How one medium is written in a model's own text.
@@ -75,10 +76,13 @@ class EncoderOutput:
     Attributes:
         features: ``[B, N, D]`` feature sequence, ``D == encoder.output_dim``.
         mask: ``[B, N]`` bool, True where a feature is real (variable-length media); None when all are.
+        context: inputs a connector reads beside the features, one row per medium, passed through from the
+            collated batch (InstructBLIP's instruction tokens for its Q-Former); None for most encoders.
     """
 
     features: torch.Tensor
     mask: torch.Tensor | None = None
+    context: dict[str, torch.Tensor] | None = None
 
 
 class MediaProcessor:
@@ -87,7 +91,12 @@ class MediaProcessor:
     Subclasses implement ``__call__``; ``collate`` stacks a list of processed items into the batch
     the encoder's ``forward`` takes (override it for variable-length media). The shape of one
     processed item must tell the encoder's ``num_tokens`` how many features it gives.
+
+    A processor with ``reads_text = True`` is called ``processor(raw, text)``, ``text`` being the text of the
+    message that holds the medium (its placeholders removed, as a typed chat template writes it).
     """
+
+    reads_text: ClassVar[bool] = False
 
     def __call__(self, raw: Any) -> torch.Tensor:
         raise NotImplementedError
@@ -175,6 +184,10 @@ class Connector(nn.Module, ABC):
     @abstractmethod
     def num_tokens(self, num_features: int) -> int:
         """``M`` for ``N = num_features`` input features: how many placeholders a medium expands to."""
+
+    def connect(self, out: EncoderOutput) -> torch.Tensor:
+        """The LLM inputs of an encoder output; connectors that read ``out.context`` override this."""
+        return self(out.features, out.mask)
 
     def token_mask(self, feature_mask: torch.Tensor | None) -> torch.Tensor | None:
         """``[B, M]`` True where an output token is real, for the feature mask ``[B, N]``.

@@ -68,7 +68,8 @@ def test_registered_parts_are_checked_against_their_constructor(tmp_path):
     assert registered == sorted(registered)
     with pytest.raises(ConfigError, match=r"unknown connector 'perceiver'.*Registered: ") as error:
         load_config(write(tmp_path, base | {"model": {"connectors": {"audio": {"name": "perceiver"}}}}))
-    assert {"linear", "mlp", "qformer", "resampler", "xattn"} <= set(str(error.value).split("Registered: ")[1].split(", "))
+    registered = str(error.value).split("Registered: ")[1].split(", ")
+    assert {"linear", "mlp", "qformer", "resampler", "xattn"} <= set(registered)
     with pytest.raises(ConfigError, match=r"model\.connectors\.image\.dept: unknown key for connector 'mlp'.*'depth'"):
         load_config(write(tmp_path, base | {"model": {"connectors": {"image": {"name": "mlp", "dept": 2}}}}))
     with pytest.raises(ConfigError, match=r"model\.connectors\.image\.depth: expected an integer"):

@@ -26,7 +26,7 @@ from mmpost.export import export, read_report
 from mmpost.families import CheckpointError
 from mmpost.families.blip2 import Blip2
 from mmpost.interfaces import IGNORE
-from mmpost.synthetic.tiny_blip2 import NUM_QUERIES, make_tiny_blip2, make_tiny_instructblip
+from mmpost.synthetic.tiny_blip2 import NUM_QUERIES, make_tiny_blip2
 
 PROMPTS = ["What is it?", "Question: how many shapes are there? Answer:"]
 MISSING = "qformer.encoder.layer.1.attention.attention.query.weight"
@@ -200,8 +200,3 @@ def test_a_t5_language_model_is_refused_before_loading_weights(tmp_path):
     config.save_pretrained(tmp_path)  # no weights at all
     with pytest.raises(CheckpointError, match="t5 language model"):
         mmpost.from_pretrained(str(tmp_path))
-
-
-def test_instructblip_is_refused_naming_the_class(tmp_path):
-    with pytest.raises(CheckpointError, match="InstructBlipForConditionalGeneration"):
-        mmpost.from_pretrained(str(make_tiny_instructblip(tmp_path / "instructblip")))

@@ -58,6 +58,19 @@ def typed_parts(content: str) -> list[dict[str, str]]:
     return parts
 
 
+def media_messages(messages: Sequence[Mapping[str, str]]) -> dict[str, list[str]]:
+    """Per modality, the text of the message holding each medium (in placeholder order), as ``typed_parts`` splits
+    it: what a processor with ``reads_text`` reads beside the medium."""
+    texts: dict[str, list[str]] = {}
+    for message in messages:
+        parts = typed_parts(message["content"])
+        text = "".join(part["text"] for part in parts if part["type"] == "text")
+        for part in parts:
+            if part["type"] != "text":
+                texts.setdefault(part["type"], []).append(text)
+    return texts
+
+
 class ChatEncoder:
     """Renders and tokenizes conversations for one model.
 

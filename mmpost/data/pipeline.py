@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mmpost.data.batches import ConversationBatch, PairBatch, PromptBatch
-from mmpost.data.chat import ChatEncoder, Encoded, Skipped
+from mmpost.data.chat import ChatEncoder, Encoded, Skipped, media_messages
 from mmpost.data.media import DECODERS
 from mmpost.data.sample import Sample
 from mmpost.interfaces import IGNORE, PLACEHOLDERS, MediaProcessor
@@ -83,19 +83,20 @@ class Pipeline:
     def prepare_media(self, sample: Sample) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[int]]] | Skipped:
         """The sample's media decoded and preprocessed, and how many tokens each becomes."""
         media: dict[str, list[torch.Tensor]] = {}
+        texts = media_messages(sample.messages) if any(p.reads_text for p in self.processors.values()) else {}
         for modality, refs in sample.media.items():
             if not refs:
                 continue
             if modality not in self.processors:
                 return Skipped(sample.where(), f"it has {modality} input but the model has no {modality} encoder")
-            items = []
-            for ref in refs:
+            processor, items = self.processors[modality], []
+            for i, ref in enumerate(refs):
                 try:
                     raw = DECODERS[modality](ref)
                 except Exception as err:  # any decoder failure means unusable bytes: skip and count
                     name = ref if not isinstance(ref, bytes) else f"{len(ref)} bytes"
                     return Skipped(sample.where(), f"cannot decode {modality} {name}: {type(err).__name__}: {err}")
-                items.append(self.processors[modality](raw))
+                items.append(processor(raw, texts[modality][i]) if processor.reads_text else processor(raw))
             media[modality] = items
         counts = {m: [self.count_tokens(m, tuple(x.shape)) for x in items] for m, items in media.items()}
         return media, counts

@@ -27,6 +27,7 @@ FAMILIES = Registry("released model family")
 FAMILIES.add("llava", "mmpost.families.llava:Llava")
 FAMILIES.add("qwen2_vl", "mmpost.families.qwen2_vl:Qwen2VL")
 FAMILIES.add("blip2", "mmpost.families.blip2:Blip2")
+FAMILIES.add("instructblip", "mmpost.families.blip2:InstructBlip")
 FAMILIES.add("qwen2_audio", "mmpost.families.qwen2_audio:Qwen2Audio")
 
 # config.json architecture -> family
@@ -35,6 +36,7 @@ ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
     "Blip2ForConditionalGeneration": "blip2",
+    "InstructBlipForConditionalGeneration": "instructblip",
     "Qwen2AudioForConditionalGeneration": "qwen2_audio",
 }
 

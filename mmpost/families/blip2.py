@@ -1,4 +1,5 @@
-"""BLIP-2 (``Blip2ForConditionalGeneration`` with a decoder-only language model: OPT, Llama, ...) in and out of mmpost.
+"""BLIP-2 (``Blip2ForConditionalGeneration`` with a decoder-only language model: OPT, Llama, ...) and InstructBLIP
+(``InstructBlipForConditionalGeneration``) in and out of mmpost.
 
 Import: the vision tower becomes a ``blip_vision`` encoder (every token after the post-layernorm, what BLIP-2's
 Q-Former reads) with the checkpoint's image processor; the Q-Former, its query tokens and the language projection
@@ -28,8 +29,10 @@ transformers users call the processor with the plain prompt). LoRA adapters are 
 in the compressed-tensors format with the tower, Q-Former, query tokens and projection kept in float, and marked
 to be dequantized while transformers loads it (``_dequantize_on_load`` says why).
 
-InstructBLIP (``InstructBlipForConditionalGeneration``) is not taken apart: its Q-Former also reads the prompt's
-tokens from a second tokenizer, and mmpost's connectors read only the encoder's features.
+InstructBLIP is taken apart and re-assembled the same way, its prompt laid out as BLIP-2's; its Q-Former also
+reads the instruction (the text of the message holding the image, which ``InstructBlipProcessor`` takes from the
+prompt it is given) in the Q-Former's own tokenizer: the tower becomes an ``instructblip_vision`` encoder holding
+that tokenizer, the Q-Former an ``instruct_qformer`` connector, and an export writes an ``InstructBlipProcessor``.
 """
 
 from __future__ import annotations
@@ -56,16 +59,37 @@ MEDIA_MODULES = ("vision_model", "qformer", "query_tokens", "language_projection
 class Blip2(Family):
     name = "blip2"
     architectures = ("Blip2ForConditionalGeneration",)
+    label = "BLIP-2"
 
-    def load(self, directory: Path, architecture: str) -> LMM:
-        from transformers import AutoProcessor, Blip2ForConditionalGeneration
-
+    def parts(self) -> tuple[type, type]:
+        """The encoder and connector classes of the family's tower and Q-Former."""
         from mmpost.connectors.qformer import QFormerConnector
         from mmpost.encoders.blip_vision import BlipVisionEncoder
+
+        return BlipVisionEncoder, QFormerConnector
+
+    def classes(self) -> tuple[type, type, type]:
+        """The transformers model, config and processor classes."""
+        from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+
+        return Blip2ForConditionalGeneration, Blip2Config, Blip2Processor
+
+    def encoder_options(self, processor: Any) -> dict[str, Any]:
+        """Constructor arguments of the encoder beside the tower, from the checkpoint's processor."""
+        return {}
+
+    def processor_parts(self, model: LMM) -> dict[str, Any]:
+        """``processor`` constructor arguments beside the image processor and tokenizer."""
+        return {}
+
+    def load(self, directory: Path, architecture: str) -> LMM:
+        from transformers import AutoProcessor
+
         from mmpost.model.lmm import LMM
 
         _check_options(directory, read_config(directory))
-        hf = load_released(Blip2ForConditionalGeneration, directory)
+        encoder_class, connector_class = self.parts()
+        hf = load_released(self.classes()[0], directory)
         config = hf.config
         processor = AutoProcessor.from_pretrained(directory)
         if processor.num_query_tokens != config.num_query_tokens:
@@ -82,8 +106,9 @@ class Blip2(Family):
             )
         token = tokenizer.convert_ids_to_tokens(config.image_token_id)
         tokenizer.chat_template = chat_template(token, start)
-        encoder = BlipVisionEncoder.from_tower(hf.vision_model, processor.image_processor)
-        connector = QFormerConnector.from_modules(hf.qformer, hf.query_tokens, hf.language_projection)
+        options = self.encoder_options(processor)
+        encoder = encoder_class.from_tower(hf.vision_model, processor.image_processor, **options)
+        connector = connector_class.from_modules(hf.qformer, hf.query_tokens, hf.language_projection)
         model = LMM(
             hf.language_model.eval(),
             {"image": encoder},
@@ -99,16 +124,17 @@ class Blip2(Family):
     def why_not(self, model: LMM) -> str | None:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-        from mmpost.connectors.qformer import QFormerConnector
-        from mmpost.encoders.blip_vision import BlipVisionEncoder
-
         if model.modalities != ["image"]:
             return f"exactly one image modality (this model has {model.modalities})"
         encoder, connector = model.encoders["image"], model.connectors["image"]
-        if not isinstance(encoder, BlipVisionEncoder):
-            return f"a BLIP-2 vision tower (blip_vision); the image encoder is {type(encoder).__name__}"
-        if not isinstance(connector, QFormerConnector) or connector.config.get("use_qformer_text_input"):
-            return f"a qformer connector without text input; the image connector is {type(connector).__name__}"
+        encoder_class, connector_class = self.parts()
+        if type(encoder) is not encoder_class:
+            return f"a {self.label} vision tower ({encoder_class.name}); the image encoder is {type(encoder).__name__}"
+        if type(connector) is not connector_class or connector.config.get("use_qformer_text_input"):
+            return (
+                f"a {connector_class.name} connector (a Q-Former reading the image alone, no text input); the image "
+                f"connector is {type(connector).__name__}"
+            )
         model_type = model.base_llm.config.model_type
         if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             return f"a transformers causal LM; the LLM is a {model_type}"
@@ -119,16 +145,18 @@ class Blip2(Family):
             return f"the image written as <image> (Blip2Processor's token); this model writes {token}"
         start = text_start(model.tokenizer)
         if start is None or model.tokenizer.chat_template != chat_template(token, start) or not model.typed_chat:
-            return "BLIP-2's prompt layout (image tokens, then the tokenized prompt: mmpost.families.blip2's template)"
+            return (
+                f"{self.label}'s prompt layout (image tokens, then the tokenized prompt: mmpost.families.blip2's "
+                "template)"
+            )
         return None
 
     def export(self, model: LMM, out: Path) -> None:
-        from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
-
         from mmpost.model.format import base_llm_state_dict
 
+        model_class, config_class, processor_class = self.classes()
         encoder, connector = model.encoders["image"], model.connectors["image"]
-        config = Blip2Config(
+        config = config_class(
             vision_config=encoder.model.config.to_dict(),
             qformer_config=connector.qformer.config.to_dict(),
             text_config=model.base_llm.config.to_dict(),
@@ -140,14 +168,17 @@ class Blip2(Family):
         state["query_tokens"] = connector.query_tokens
         state |= {f"language_projection.{k}": v for k, v in connector.proj.state_dict().items()}
         state |= {LLM_PREFIX + k: v for k, v in base_llm_state_dict(model, merge_lora=True).items()}
-        hf = assemble(Blip2ForConditionalGeneration, config, state, model)
+        hf = assemble(model_class, config, state, model)
         save_weights(hf, out, model, lambda name: LLM_PREFIX + name, MEDIA_MODULES)
         if model.quantization is not None:
             _dequantize_on_load(out)
         tokenizer = copy.deepcopy(model.tokenizer)  # the processor changes its tokenizer
         tokenizer.chat_template = None
-        Blip2Processor(
-            image_processor=encoder.image_processor(), tokenizer=tokenizer, num_query_tokens=connector.num_queries
+        processor_class(
+            image_processor=encoder.image_processor(),
+            tokenizer=tokenizer,
+            num_query_tokens=connector.num_queries,
+            **self.processor_parts(model),
         ).save_pretrained(out)
 
     def processor_inputs(self, processor: Any, model: LMM, probe: Probe) -> dict[str, torch.Tensor]:
@@ -155,6 +186,38 @@ class Blip2(Family):
 
     def media_difference(self, inputs: Mapping[str, torch.Tensor], probe: Probe) -> float:
         return float((inputs["pixel_values"] - probe.batch.media["image"]).abs().max())
+
+
+class InstructBlip(Blip2):
+    name = "instructblip"
+    architectures = ("InstructBlipForConditionalGeneration",)
+    label = "InstructBLIP"
+
+    def parts(self) -> tuple[type, type]:
+        from mmpost.connectors.instruct_qformer import InstructQFormerConnector
+        from mmpost.encoders.blip_vision import InstructBlipVisionEncoder
+
+        return InstructBlipVisionEncoder, InstructQFormerConnector
+
+    def classes(self) -> tuple[type, type, type]:
+        from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+        return InstructBlipForConditionalGeneration, InstructBlipConfig, InstructBlipProcessor
+
+    def encoder_options(self, processor: Any) -> dict[str, Any]:
+        return {"tokenizer": processor.qformer_tokenizer}
+
+    def processor_parts(self, model: LMM) -> dict[str, Any]:
+        return {"qformer_tokenizer": copy.deepcopy(model.encoders["image"].tokenizer)}
+
+    def media_difference(self, inputs: Mapping[str, torch.Tensor], probe: Probe) -> float:
+        media = probe.batch.media["image"]
+        ids, mask = inputs["qformer_input_ids"], inputs["qformer_attention_mask"]
+        if ids.shape != media["instruction_ids"].shape or not torch.equal(ids, media["instruction_ids"]):
+            return float("inf")  # the Q-Former would read another instruction
+        if not torch.equal(mask.long(), media["instruction_mask"]):
+            return float("inf")
+        return float((inputs["pixel_values"] - media["pixel_values"]).abs().max())
 
 
 def chat_template(image_token: str, start: str) -> str:

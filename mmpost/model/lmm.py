@@ -278,7 +278,7 @@ class LMM(nn.Module):
                 laid_out = fusion.layout_media(values, mask, markers, position_ids[::media_repeat])
                 fused[modality] = laid_out.for_batch(input_ids.shape[0])
                 continue
-            tokens = connector(out.features, out.mask)  # [K, M, D]
+            tokens = connector.connect(out)  # [K, M, D]
             keep = connector.token_mask(out.mask)
             flat = tokens.reshape(-1, tokens.shape[-1]) if keep is None else tokens[keep]
             if num_markers != flat.shape[0]:
