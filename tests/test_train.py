@@ -188,3 +188,14 @@ def test_placeholder_mismatch_names_the_sample(run_config, tmp_path, synth_dir, 
     code, err, records = train_on_edited_captions(run_config, tmp_path, synth_dir, capsys, edit)
     assert code == 2
     assert records[2]["id"] in err and "2 <image> placeholder(s)" in err
+
+
+@pytest.mark.slow  # torch.compile takes ~80 s on 2 CPU cores
+def test_compiled_layers_give_the_same_losses(run_config, tmp_path):
+    curves = []
+    for compiled in (False, True):
+        name = f"compile-{compiled}"
+        cfg = run_config(name, stage="sft", train={"max_steps": 3, "compile": compiled}, data={"eval": None})
+        assert main(["train", str(cfg)]) == 0
+        curves.append([r["loss"] for r in train_lines(tmp_path / name)])
+    assert len(curves[0]) == 3 and curves[1] == pytest.approx(curves[0], abs=1e-5)

@@ -105,16 +105,30 @@ class DataConfig:
         eval: the held-out set for evaluation loss and generation accuracy; null skips evaluation.
         max_length: longest token sequence, media tokens included. Longer samples lose text from the
             end, never media tokens; a sample whose media alone do not fit is dropped and counted.
-        num_workers: DataLoader worker processes that decode media and tokenize.
+        num_workers: DataLoader worker processes that decode media and tokenize. null (the default) chooses from
+            the host: none when training on the CPU (workers compete with the model for its cores; measured: no
+            gain, 0.4-0.55 GiB more memory), else up to 4 per process from half the CPU cores.
         max_bad_fraction: stop the run when more than this fraction of samples so far was skipped
             (corrupt media, too long, no answer tokens); judged once 50 samples have been seen.
+        packing: align, sft and distill pack each micro-batch's conversations into rows of up to ``max_length``
+            tokens (first-fit decreasing), each conversation attending only to itself and its own media, its
+            positions starting at 0: the same losses with less padding. Needs the LLM's ``sdpa`` or ``eager``
+            attention and 1-D positions (not Qwen2-VL's M-RoPE); not with on-policy distillation or a teacher
+            that reads its own batches. The loss is still normalised by the label tokens of the whole step.
+        cache_features: a folder where align and sft keep the features of frozen encoders: every training medium
+            the folder lacks is encoded once before the first step (each process its share), and every epoch,
+            and later runs with the same encoder, weights and preprocessing, read the features memory-mapped
+            instead of decoding and encoding the medium; another encoder or preprocessing gets another subfolder.
+            Refused when an encoder trains or reads text (InstructBLIP's). null: encode every step.
     """
 
     train: DataSourceConfig = field(default_factory=DataSourceConfig)
     eval: DataSourceConfig | None = None
     max_length: int = ranged(2048, ge=2)
-    num_workers: int = ranged(2, ge=0)
+    num_workers: int | None = ranged(None, ge=0)
     max_bad_fraction: float = ranged(0.01, ge=0, le=1)
+    packing: bool = False
+    cache_features: str | None = None
 
 
 @dataclass
@@ -139,6 +153,9 @@ class TrainConfig:
         max_grad_norm: gradient clipping norm; 0 disables clipping.
         precision: fp32, or bf16 / fp16 mixed precision (autocast with fp32 master weights).
         gradient_checkpointing: recompute LLM activations in the backward pass to save memory.
+        compile: compile each LLM decoder layer and encoder block with ``torch.compile`` (regional: one graph per
+            kind of layer; the first steps take the compile time). Same losses; whether it is faster depends on
+            the device and sizes (measure with ``tools/bench.py``).
         log_every: steps between metric lines in ``metrics.jsonl``.
         save_every: steps between checkpoints under ``checkpoints/step-N``; 0 saves only ``final/``.
         keep_checkpoints: newest step checkpoints kept; older ones are deleted. 0 keeps all.
@@ -162,6 +179,7 @@ class TrainConfig:
     max_grad_norm: float = ranged(1.0, ge=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
+    compile: bool = False
     log_every: int = ranged(10, ge=1)
     save_every: int = ranged(0, ge=0)
     keep_checkpoints: int = ranged(2, ge=0)

@@ -64,13 +64,16 @@ class Batch:
 
 @dataclass(kw_only=True)
 class ConversationBatch(Batch):
-    """Conversations, right-padded.
+    """Conversations, right-padded; or packed, several conversations per row (``data.packing``).
 
     Attributes:
         labels: ``[R, T]`` the token at assistant positions, ``IGNORE`` elsewhere (aligned with ``input_ids``).
+        segments: ``[R, T]`` for packed rows, the conversation each token belongs to (1, 2, ... within a row, 0 on
+            padding); None when each row holds one conversation.
     """
 
     labels: torch.Tensor
+    segments: torch.Tensor | None = None
 
     def label_tokens(self) -> int:
         """Label tokens that a next-token loss predicts (the first column predicts nothing)."""

@@ -12,6 +12,7 @@ loading them.
 from __future__ import annotations
 
 import math
+import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -83,6 +84,16 @@ class EpochBatchSampler(Sampler[list[int]]):
             mine = chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
             if mine:
                 yield mine
+
+
+def worker_count(configured: int | None, device: torch.device) -> int:
+    """``data.num_workers``, or when it is null: 0 on the CPU, else up to 4 per local process from half the cores."""
+    if configured is not None:
+        return configured
+    if device.type == "cpu":
+        return 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return min(4, max(1, (os.cpu_count() or 2) // (2 * local)))
 
 
 def make_loader(

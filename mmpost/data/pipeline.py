@@ -23,6 +23,7 @@ import torch
 
 from mmpost.data.batches import ConversationBatch, PairBatch, PromptBatch
 from mmpost.data.chat import ChatEncoder, Encoded, Skipped, media_messages
+from mmpost.data.feature_cache import CachingProcessor, FeatureCache
 from mmpost.data.media import DECODERS
 from mmpost.data.sample import Sample
 from mmpost.interfaces import IGNORE, PLACEHOLDERS, MediaProcessor
@@ -64,11 +65,16 @@ class Pipeline:
         self.pad_id = pad_id
 
     @classmethod
-    def for_model(cls, model: LMM, max_length: int, **options: Any) -> Pipeline:
-        """This pipeline for ``model``'s tokenizer, placeholders and encoders."""
+    def for_model(
+        cls, model: LMM, max_length: int, caches: Mapping[str, FeatureCache] | None = None, **options: Any
+    ) -> Pipeline:
+        """This pipeline for ``model``'s tokenizer, placeholders and encoders; media in ``caches`` (per modality)
+        are read from there instead of being decoded (``mmpost.data.feature_cache``)."""
         media_text = {PLACEHOLDERS[m]: t.text for m, t in model.media_text.items()}
         chat = ChatEncoder(model.tokenizer, model.placeholder_ids, max_length, media_text, model.typed_chat)
-        processors = {m: e.preprocessor() for m, e in model.encoders.items()}
+        processors: dict[str, MediaProcessor] = {m: e.preprocessor() for m, e in model.encoders.items()}
+        for modality, cache in (caches or {}).items():
+            processors[modality] = CachingProcessor(processors[modality], cache)
         return cls(chat, processors, model.media_tokens, model.tokenizer.pad_token_id, **options)
 
     def __call__(self, sample: Sample) -> Item | Skipped:
@@ -91,6 +97,10 @@ class Pipeline:
                 return Skipped(sample.where(), f"it has {modality} input but the model has no {modality} encoder")
             processor, items = self.processors[modality], []
             for i, ref in enumerate(refs):
+                hit = processor.cache.get(ref) if isinstance(processor, CachingProcessor) else None
+                if hit is not None:  # read from the cache: the medium is not decoded
+                    items.append(hit)
+                    continue
                 try:
                     raw = DECODERS[modality](ref)
                 except Exception as err:  # any decoder failure means unusable bytes: skip and count
@@ -147,7 +157,17 @@ class Pipeline:
 
 
 class ConversationPipeline(Pipeline):
-    """Whole conversations, labelled on every assistant turn; batches are right-padded."""
+    """Whole conversations, labelled on every assistant turn; batches are right-padded.
+
+    Args:
+        packing: pack a batch's conversations into as few rows of at most ``max_length`` tokens as first-fit
+            decreasing finds (``ConversationBatch.segments`` says which token is whose); the batch keeps its
+            conversations and label tokens, with less padding.
+    """
+
+    def __init__(self, *args: Any, packing: bool = False) -> None:
+        super().__init__(*args)
+        self.packing = packing
 
     def process(self, sample: Sample) -> Item | Skipped:
         prepared = self.media_and_tokens(sample, self.chat.encode)
@@ -157,7 +177,27 @@ class ConversationPipeline(Pipeline):
         return Item(sample.id, [encoded], media)
 
     def collate(self, items: Sequence[Item | Skipped]) -> ConversationBatch:
-        return ConversationBatch(**self.common(items, side="right"))
+        if not self.packing:
+            return ConversationBatch(**self.common(items, side="right"))
+        good = [x for x in items if not isinstance(x, Skipped)]
+        bins = first_fit_decreasing([len(x.rows[0].input_ids) for x in good], self.chat.max_length)
+        ordered = [good[i] for row in bins for i in row]  # media are collated in this (row-major) order
+        fields = self.common([*ordered, *(x for x in items if isinstance(x, Skipped))], side="right")
+        rows, segments = [], []
+        for row in bins:
+            ids, labels, segment = [], [], []
+            for number, i in enumerate(row, start=1):
+                encoded = good[i].rows[0]
+                ids += encoded.input_ids
+                labels += [IGNORE, *encoded.labels[1:]]  # a sample's first token is predicted by no other sample
+                segment += [number] * len(encoded.input_ids)
+            rows.append(Encoded(ids, labels))
+            segments.append(segment)
+        fields["input_ids"], fields["attention_mask"], fields["labels"] = self.pad(rows, "right")
+        width = fields["input_ids"].shape[1]
+        fields["segments"] = torch.tensor([s + [0] * (width - len(s)) for s in segments], dtype=torch.long)
+        fields["ids"] = [x.id for x in ordered]
+        return ConversationBatch(**fields)
 
 
 class PairPipeline(Pipeline):
@@ -242,6 +282,22 @@ class PromptPipeline(Pipeline):
             tasks=[x.task for x in good],
             fields=[x.fields for x in good],
         )
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of ``lengths`` packed into bins of at most ``capacity`` (one bin for anything longer): longest
+    first, each into the first bin it fits; each bin's indices in ascending order."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        place = next((b for b, free in enumerate(room) if free >= lengths[i]), None)
+        if place is None:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            bins[place].append(i)
+            room[place] -= lengths[i]
+    return [sorted(b) for b in bins]
 
 
 def pair_answer(value: Any) -> str | None:

@@ -12,7 +12,8 @@ Media reach the hooks through a ``FusionState`` that the LMM fills for the durat
 one ``generate`` call. Masking is done in position-id space: a text position attends to a medium when
 the medium's marker token has a position id no larger than its own. During generation with the KV
 cache the decoder sees only the new tokens, whose position ids follow the prompt's, so they attend to
-every medium of their sample, as they would in a full forward.
+every medium of their sample, as they would in a full forward. In packed rows (several samples in one row,
+position ids restarting) a text position also attends only to the media of its own sample (segment).
 """
 
 from __future__ import annotations
@@ -37,18 +38,21 @@ class FusionMedia:
         values: ``[B, S, D_m]`` media vectors of each sample's media, concatenated, zero-padded.
         valid: ``[B, S]`` True where a vector is real.
         position: ``[B, S]`` position id of the marker token of the medium each vector belongs to.
+        segment: ``[B, S]`` the packed sample (segment id) of that marker; None when rows are not packed.
     """
 
     values: torch.Tensor
     valid: torch.Tensor
     position: torch.Tensor
+    segment: torch.Tensor | None = None
 
     def for_batch(self, batch_size: int) -> FusionMedia:
         """Repeats each sample's media when generate() expands the batch (several return sequences)."""
         if batch_size == self.values.shape[0]:
             return self
         repeat = batch_size // self.values.shape[0]
-        return FusionMedia(*(t.repeat_interleave(repeat, dim=0) for t in (self.values, self.valid, self.position)))
+        tensors = (self.values, self.valid, self.position)
+        return FusionMedia(*(t.repeat_interleave(repeat, dim=0) for t in tensors))
 
 
 @dataclass
@@ -57,17 +61,20 @@ class FusionState:
 
     media: dict[str, FusionMedia] = field(default_factory=dict)
     prompt_positions: torch.Tensor | None = None  # [B, T] position ids of the full prompt
+    segments: torch.Tensor | None = None  # [B, T] packed samples' segment ids, None when rows are not packed
     # per modality, (position ids, batch size, media, allowed) of the last layer call: the layers of one
     # forward (or one generation step) share their position ids, so the mask is built once for all
     masks: dict[str, tuple] = field(default_factory=dict)
 
     @contextmanager
-    def active(self, media: Mapping[str, FusionMedia], prompt_positions: torch.Tensor):
-        self.media, self.prompt_positions, self.masks = dict(media), prompt_positions, {}
+    def active(
+        self, media: Mapping[str, FusionMedia], prompt_positions: torch.Tensor, segments: torch.Tensor | None = None
+    ):
+        self.media, self.prompt_positions, self.segments, self.masks = dict(media), prompt_positions, segments, {}
         try:
             yield
         finally:
-            self.media, self.prompt_positions, self.masks = {}, None, {}
+            self.media, self.prompt_positions, self.segments, self.masks = {}, None, None, {}
 
     def attention(self, modality: str, hidden: torch.Tensor, positions: torch.Tensor | None):
         """The modality's media for ``hidden``'s batch, and which of them each position may attend to
@@ -86,6 +93,8 @@ class FusionState:
             else:  # decoding past the prompt: every medium precedes
                 positions = torch.full(hidden.shape[:2], torch.iinfo(torch.long).max, device=hidden.device)
         allowed = media.valid[:, None, :] & (media.position[:, None, :] <= positions[..., None])  # [B, T, S]
+        if self.segments is not None and media.segment is not None:
+            allowed &= media.segment[:, None, :] == self.segments[..., None]
         self.masks[modality] = (key, hidden.shape[0], media, allowed)
         return media, allowed
 
@@ -95,14 +104,16 @@ def layout_media(
     mask: torch.Tensor | None,
     markers: torch.Tensor,
     position_ids: torch.Tensor,
+    segments: torch.Tensor | None = None,
 ) -> FusionMedia:
-    """Groups the batch's media by sample.
+    """Groups the batch's media by row.
 
     Args:
         values: ``[K, S_m, D_m]`` vectors of the K media of the batch, in marker order (row-major).
         mask: ``[K, S_m]`` True where real, or None.
         markers: ``[B, T]`` True at marker tokens; exactly K of them.
         position_ids: ``[B, T]`` position ids of the batch.
+        segments: ``[B, T]`` segment ids of packed rows, or None.
     """
     rows, cols = markers.nonzero(as_tuple=True)  # row-major: the order the collator stacked the media
     batch, per_medium = markers.shape[0], values.shape[1]
@@ -118,7 +129,12 @@ def layout_media(
     out_valid[rows, slot] = True if mask is None else mask.bool()
     out_position[rows, slot] = position_ids[rows, cols].unsqueeze(-1).expand(-1, per_medium)
     flat = (batch, slots * per_medium)
-    return FusionMedia(out_values.reshape(*flat, -1), out_valid.reshape(flat), out_position.reshape(flat))
+    segment = None
+    if segments is not None:
+        out_segment = torch.zeros(batch, slots, per_medium, dtype=torch.long, device=values.device)
+        out_segment[rows, slot] = segments[rows, cols].unsqueeze(-1).expand(-1, per_medium)
+        segment = out_segment.reshape(flat)
+    return FusionMedia(out_values.reshape(*flat, -1), out_valid.reshape(flat), out_position.reshape(flat), segment)
 
 
 class FusionHook:

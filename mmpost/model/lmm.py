@@ -20,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mmpost.config.schema import LLMConfig, LoraConfig
+from mmpost.data.feature_cache import cached_output
 from mmpost.interfaces import (
     IGNORE,
     PLACEHOLDERS,
@@ -36,7 +37,9 @@ from mmpost.model.format import save_lmm
 from mmpost.model.fusion import FusionMedia, FusionState
 from mmpost.model.llm import load_llm, prepare_tokenizer
 from mmpost.model.lora import add_lora, base_causal_lm, has_lora
+from mmpost.model.masks import packed_hidden
 from mmpost.model.positions import PositionScheme, positions_of
+from mmpost.model.shared_prompt import shared_logits
 
 
 @dataclass
@@ -237,7 +240,11 @@ class LMM(nn.Module):
     # ----------------------------------------------------------------- forward
 
     def features(self, modality: str, inputs: MediaBatch) -> EncoderOutput:
-        """Encoder features of a collated batch of media (no gradient when the encoder is frozen)."""
+        """Encoder features of a collated batch of media (no gradient when the encoder is frozen), or the cached
+        features the batch holds instead (``data.cache_features``)."""
+        cached = cached_output(inputs)
+        if cached is not None:
+            return cached
         encoder = self.encoders[modality]
         frozen = not any(p.requires_grad for p in encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
@@ -249,13 +256,15 @@ class LMM(nn.Module):
         media: Mapping[str, MediaBatch] | None = None,
         position_ids: torch.Tensor | None = None,
         media_repeat: int = 1,
+        segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, FusionMedia]]:
         """Text embeddings ``[B, T, D]`` with token connectors' media tokens in their placeholder
         positions, and the fusion connectors' media laid out per sample (for the blocks).
 
         ``media_repeat`` r > 1 says rows come in groups of r that share their media (rows ``b*r .. b*r+r-1``
         hold sample b's media: a preference pair's two answers, a prompt's G samples): the media of the
-        ``B / r`` samples are encoded and connected once and reused by every row of their group.
+        ``B / r`` samples are encoded and connected once and reused by every row of their group. ``segments``
+        (``[B, T]``) marks the samples of packed rows, so that fusion connectors keep each sample's media to it.
         """
         embeds = self.llm.get_input_embeddings()(input_ids)  # [B, T, D]
         if input_ids.shape[0] % media_repeat:
@@ -275,7 +284,8 @@ class LMM(nn.Module):
                     raise _count_error(modality, num_markers, values.shape[0], "1 marker token each")
                 if position_ids is None:
                     position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-                laid_out = fusion.layout_media(values, mask, markers, position_ids[::media_repeat])
+                row_segments = None if segments is None else segments[::media_repeat]
+                laid_out = fusion.layout_media(values, mask, markers, position_ids[::media_repeat], row_segments)
                 fused[modality] = laid_out.for_batch(input_ids.shape[0])
                 continue
             tokens = connector.connect(out)  # [K, M, D]
@@ -297,9 +307,13 @@ class LMM(nn.Module):
         attention_mask: torch.Tensor,
         media: Mapping[str, MediaBatch] | None = None,
         media_repeat: int = 1,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Last hidden states ``[B, T, D]`` of the LLM's decoder for a (right- or left-) padded batch
-        (``media_repeat`` as in ``embed``)."""
+        (``media_repeat`` as in ``embed``), or for packed rows: ``segments`` ``[B, T]`` numbers each row's samples
+        1, 2, ... (0 on padding); each sample then sees only itself, its positions starting at 0."""
+        if segments is not None:
+            return packed_hidden(self, input_ids, segments, media)
         text_positions = positions_of(attention_mask)
         embeds, fused = self.embed(input_ids, media, text_positions, media_repeat)
         decoder = self.base_llm.get_decoder()
@@ -338,17 +352,27 @@ class LMM(nn.Module):
         media: Mapping[str, MediaBatch] | None = None,
         labels: torch.Tensor | None = None,
         media_repeat: int = 1,
+        share_prompt: bool = False,
+        segments: torch.Tensor | None = None,
     ) -> TokenLogits:
         """Next-token logits at the positions that predict a label token, or at every position without ``labels``.
 
         Args:
             labels: ``[B, T]`` aligned with ``input_ids``, ``IGNORE`` where no loss reads the token.
             media_repeat: as in ``embed``.
+            share_prompt: the rows of a ``media_repeat`` group also share every token before their first label
+                (a pair's two answers, a prompt's G completions): the prompt passes the decoder once per group
+                (``mmpost.model.shared_prompt``); the result is the same.
+            segments: packed rows, as in ``hidden_states`` (``data.packing``).
 
         Every loss of every stage reads this one output (``mmpost.losses``: cross-entropy, label log-probs,
         distillation divergences), so a distributed wrapper (DDP) sees each loss's forward.
         """
-        hidden = self.hidden_states(input_ids, attention_mask, media, media_repeat)
+        if share_prompt and labels is not None and media_repeat > 1:
+            shared = shared_logits(self, input_ids, attention_mask, media, labels, media_repeat)
+            if shared is not None:
+                return shared
+        hidden = self.hidden_states(input_ids, attention_mask, media, media_repeat, segments)
         if labels is None:
             kept = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)  # [B, T]
             return TokenLogits(self.logits_from_hidden(hidden).flatten(0, 1), kept)

@@ -51,12 +51,14 @@ class Reference:
         labels: torch.Tensor,
         media_repeat: int = 1,
         temperature: float = 1.0,
+        share_prompt: bool = False,
     ) -> torch.Tensor:
-        """``[B, T-1]`` label-token log-probs under the reference (``policy`` is the unwrapped policy)."""
+        """``[B, T-1]`` label-token log-probs under the reference (``policy`` is the unwrapped policy;
+        ``media_repeat`` and ``share_prompt`` as in ``LMM.forward``)."""
         model = policy if self.copy is None else self.copy
         off = adapters_off(policy.llm) if self.copy is None else contextlib.nullcontext()
         with off:
-            out = model(input_ids, attention_mask, media, labels, media_repeat)
+            out = model(input_ids, attention_mask, media, labels, media_repeat, share_prompt)
         return label_logprobs(out.logits, out.targets, out.kept, temperature)
 
 

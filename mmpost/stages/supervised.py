@@ -9,6 +9,7 @@ import torch
 
 from mmpost.config import RunConfig
 from mmpost.data.batches import ConversationBatch
+from mmpost.data.feature_cache import feature_caches
 from mmpost.data.loader import read_source
 from mmpost.data.pipeline import ConversationPipeline
 from mmpost.losses.ce import cross_entropy_sum
@@ -26,7 +27,7 @@ class ConversationLoss:
         return batch.label_tokens()
 
     def __call__(self, model: torch.nn.Module, batch: ConversationBatch) -> BatchLoss:
-        out = model(batch.input_ids, batch.attention_mask, batch.media, labels=batch.labels)
+        out = model(batch.input_ids, batch.attention_mask, batch.media, labels=batch.labels, segments=batch.segments)
         return BatchLoss(cross_entropy_sum(out.logits, out.targets), out.targets.numel())
 
 
@@ -36,6 +37,8 @@ def train_on_conversations(cfg: RunConfig, resume: bool, allow_changes: bool, de
     ctx = start_run(cfg, resume, allow_changes)
     model = build_model(ctx)
     parts = resolve_parts(cfg.train.trainable, default, model)
-    loader = training_loader(ctx, samples, ConversationPipeline.for_model(model, cfg.data.max_length))
+    caches = feature_caches(ctx, model, parts, samples) if cfg.data.cache_features else None
+    pipeline = ConversationPipeline.for_model(model, cfg.data.max_length, caches, packing=cfg.data.packing)
+    loader = training_loader(ctx, samples, pipeline)
     training = start_training(ctx, model, parts, loader, Evaluator(ctx, model))
     return train(training, supervised_step(ConversationLoss()))

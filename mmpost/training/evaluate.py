@@ -15,7 +15,7 @@ import torch
 
 from mmpost.answers import completion_answers
 from mmpost.data.batches import ConversationBatch, PromptBatch
-from mmpost.data.loader import make_loader, read_source
+from mmpost.data.loader import make_loader, read_source, worker_count
 from mmpost.data.pipeline import ConversationPipeline, Pipeline, PromptPipeline
 from mmpost.data.sample import DataError, Sample
 from mmpost.losses.ce import cross_entropy_sum
@@ -47,7 +47,7 @@ def held_out_loader(ctx: RunContext, samples: list[Sample], pipeline: Pipeline):
         rank=acc.process_index,
         world=acc.num_processes,
         seed=cfg.seed,
-        num_workers=cfg.data.num_workers,
+        num_workers=worker_count(cfg.data.num_workers, acc.device),
     )
     return loader
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from mmpost.config import to_dict
 from mmpost.data.batches import Batch
-from mmpost.data.loader import EpochBatchSampler, StandIn, make_loader
+from mmpost.data.loader import EpochBatchSampler, StandIn, make_loader, worker_count
 from mmpost.data.pipeline import Pipeline
 from mmpost.data.sample import DataError, Sample
 from mmpost.model.lmm import LMM
@@ -41,6 +41,7 @@ from mmpost.training.interrupt import Interrupted, StopOnSignal
 from mmpost.training.metrics import MetricsLog
 from mmpost.training.trainable import (
     apply_trainable,
+    compile_regions,
     make_optimizer,
     model_flops_per_token,
     set_train_mode,
@@ -171,7 +172,7 @@ def training_loader(ctx: RunContext, samples: list[Sample] | None, pipeline: Pip
         world=acc.num_processes,
         seed=cfg.seed,
         shuffle=True,
-        num_workers=cfg.data.num_workers,
+        num_workers=worker_count(cfg.data.num_workers, acc.device),
     )
 
 
@@ -233,6 +234,8 @@ def start_training(
     set_train_mode(model)
     sharding = ctx.sharding
     sharding.shard(model)  # FSDP2: before the optimizer, which must hold the sharded parameters
+    if t.compile:
+        compile_regions(model)
     optimizer, scheduler = make_optimizer(model, t, parts, total * updates_per_step)
     # DDP waits forever for weights that get no gradient in a step: trained encoder layers past the feature
     # layer, and with several modalities a batch without one medium

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from mmpost.config import RunConfig
 from mmpost.config.fields import check_values, path_field, ranged
-from mmpost.data.loader import make_loader, read_source
+from mmpost.data.loader import make_loader, read_source, worker_count
 from mmpost.data.pipeline import ConversationPipeline
 from mmpost.data.sample import DataError, Sample
 from mmpost.interfaces import IGNORE
@@ -102,7 +102,12 @@ class Distill:
         model = build_model(ctx)
         teacher = load_teacher(o.teacher, model, ctx.accelerator.device)
         ctx.sharding.frozen(teacher.model)
-        pipeline = teacher.pipeline(model, cfg.data.max_length)
+        if cfg.data.packing and o.on_policy:
+            raise ValueError(
+                "data.packing: on-policy distillation rebuilds its batches from the student's answers; "
+                "set data.packing: false"
+            )
+        pipeline = teacher.pipeline(model, cfg.data.max_length, cfg.data.packing)
         table = precompute_top_k(ctx, teacher, samples, pipeline, o.teacher_top_k) if o.teacher_top_k else None
         if table is not None:
             teacher.model.to("meta")  # frees its memory
@@ -125,7 +130,7 @@ class DistillLoss:
         return batch.label_tokens()
 
     def __call__(self, model: torch.nn.Module, batch: DistillBatch) -> BatchLoss:
-        out = model(batch.input_ids, batch.attention_mask, batch.media, batch.labels)
+        out = model(batch.input_ids, batch.attention_mask, batch.media, batch.labels, segments=batch.segments)
         targets = out.targets  # [N]
         student = out.logits[:, : self.teacher.vocab]  # [N, V]
         if self.table is not None:
@@ -164,7 +169,11 @@ def precompute_top_k(
         )
     acc = ctx.accelerator
     loader, _ = make_loader(
-        samples, pipeline, batch_size=ctx.cfg.train.batch_size, seed=ctx.cfg.seed, num_workers=ctx.cfg.data.num_workers
+        samples,
+        pipeline,
+        batch_size=ctx.cfg.train.batch_size,
+        seed=ctx.cfg.seed,
+        num_workers=worker_count(ctx.cfg.data.num_workers, acc.device),
     )
     table: dict[str, TopK] = {}
     for batch in loader:

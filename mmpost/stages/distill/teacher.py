@@ -8,6 +8,7 @@ teacher (``TeacherPipeline``) and the two agree on the answer tokens, which are 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -92,8 +93,10 @@ class TeacherPipeline:
     def collate(self, items: Sequence[Item | TeacherItem | Skipped]) -> DistillBatch:
         mine = [x.student if isinstance(x, TeacherItem) else x for x in items]
         theirs = [x.teacher for x in items if isinstance(x, TeacherItem)]
-        teacher = self.teacher.collate(theirs) if self.teacher is not None else None
-        return DistillBatch(**self.student.common(mine, side="right"), teacher=teacher)
+        if self.teacher is None:  # the student's batch (packed when the student's pipeline packs)
+            batch = self.student.collate(mine)
+            return DistillBatch(**{f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)})
+        return DistillBatch(**self.student.common(mine, side="right"), teacher=self.teacher.collate(theirs))
 
 
 class Teacher:
@@ -110,17 +113,26 @@ class Teacher:
         self.vocab = len(student.tokenizer)
         self.shares_batches = reads_alike(model, student)
 
-    def pipeline(self, student: LMM, max_length: int) -> TeacherPipeline:
+    def pipeline(self, student: LMM, max_length: int, packing: bool = False) -> TeacherPipeline:
         """The data pipeline of the student's conversations, preparing them for the teacher too when it does
-        not read the student's batches."""
+        not read the student's batches.
+
+        Raises:
+            ValueError: on ``packing`` with a teacher that does not read the student's batches.
+        """
+        if packing and not self.shares_batches:
+            raise ValueError(
+                "data.packing: the teacher reads its own batches (other media preprocessing or placeholders), which "
+                "are not packed alike; set data.packing: false"
+            )
         theirs = None if self.shares_batches else ConversationPipeline.for_model(self.model, max_length)
-        return TeacherPipeline(ConversationPipeline.for_model(student, max_length), theirs)
+        return TeacherPipeline(ConversationPipeline.for_model(student, max_length, packing=packing), theirs)
 
     @torch.no_grad()
     def logits(self, batch: DistillBatch, num_tokens: int) -> torch.Tensor:
         """``[N, V]`` teacher logits predicting the batch's N answer tokens (rows as the student's)."""
         mine = batch if batch.teacher is None else batch.teacher.to(batch.input_ids.device)
-        logits = self.model(mine.input_ids, mine.attention_mask, mine.media, mine.labels).logits
+        logits = self.model(mine.input_ids, mine.attention_mask, mine.media, mine.labels, segments=mine.segments).logits
         if logits.shape[0] != num_tokens:
             raise ValueError(
                 f"the teacher sees {logits.shape[0]} answer tokens where the student sees {num_tokens} in samples "

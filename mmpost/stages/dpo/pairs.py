@@ -1,8 +1,9 @@
 """The loss of preference pairs and their held-out figures.
 
 A ``PairBatch`` holds each pair's chosen and rejected rows side by side; the policy's summed log-probs of both
-answers come from one forward with the pair's media encoded once (``media_repeat=2``), the reference's from
-``ReferenceLogps`` (computed when asked, or looked up in a table computed once before training).
+answers come from one forward with the pair's media encoded once (``media_repeat=2``) and, with
+``share_prompt``, the prompt computed once for both answers; the reference's from ``ReferenceLogps`` (computed
+when asked, or looked up in a table computed once before training).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from mmpost.data.batches import PairBatch
-from mmpost.data.loader import make_loader
+from mmpost.data.loader import make_loader, worker_count
 from mmpost.data.pipeline import PairPipeline
 from mmpost.data.sample import DataError, Sample
 from mmpost.interfaces import IGNORE
@@ -44,8 +45,15 @@ class ReferenceLogps:
     """The reference's summed log-probs of each pair's chosen and rejected answers: computed by the reference
     model when asked, or, once ``precomputed``, looked up by sample id."""
 
-    def __init__(self, reference: Reference, accelerator, table: dict[str, list[float]] | None = None) -> None:
+    def __init__(
+        self,
+        reference: Reference,
+        accelerator,
+        table: dict[str, list[float]] | None = None,
+        share_prompt: bool = False,
+    ) -> None:
         self.reference, self.accelerator, self.table = reference, accelerator, table
+        self.share_prompt = share_prompt
 
     def __call__(self, policy: LMM, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.table is not None:
@@ -53,7 +61,13 @@ class ReferenceLogps:
             return values[:, 0], values[:, 1]
         with self.accelerator.autocast():
             logps = self.reference.token_logprobs(
-                policy, batch.input_ids, batch.attention_mask, batch.media, batch.labels, 2
+                policy,
+                batch.input_ids,
+                batch.attention_mask,
+                batch.media,
+                batch.labels,
+                2,
+                share_prompt=self.share_prompt,
             ).sum(-1)
         return logps[0::2], logps[1::2]
 
@@ -65,7 +79,11 @@ class ReferenceLogps:
         cfg, acc = ctx.cfg, ctx.accelerator
         pipeline = PairPipeline.for_model(model, cfg.data.max_length)
         loader, _ = make_loader(
-            samples, pipeline, batch_size=cfg.eval.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers
+            samples,
+            pipeline,
+            batch_size=cfg.eval.batch_size,
+            seed=cfg.seed,
+            num_workers=worker_count(cfg.data.num_workers, acc.device),
         )
         table: dict[str, list[float]] = {}
         model.to(acc.device).eval()
@@ -74,22 +92,30 @@ class ReferenceLogps:
                 chosen, rejected = self(model, batch.to(acc.device))
                 table.update(zip(batch.ids, torch.stack([chosen, rejected], -1).tolist(), strict=True))
         set_train_mode(model)
-        return ReferenceLogps(self.reference, acc, table)
+        return ReferenceLogps(self.reference, acc, table, self.share_prompt)
 
 
 class PairLoss:
     """The stage's loss on a batch of pairs, summed over pairs and normalised by the pairs of the step."""
 
-    def __init__(self, options: dict[str, Any], reference_logps: ReferenceLogps | None, accelerator) -> None:
+    def __init__(
+        self,
+        options: dict[str, Any],
+        reference_logps: ReferenceLogps | None,
+        accelerator,
+        share_prompt: bool = False,
+    ) -> None:
         self.options = options
         self.reference_logps = reference_logps
         self.accelerator = accelerator
+        self.share_prompt = share_prompt
 
     def units(self, batch: PairBatch) -> int:
         return batch.pairs
 
     def __call__(self, model: torch.nn.Module, batch: PairBatch) -> BatchLoss:
-        out = model(batch.input_ids, batch.attention_mask, batch.media, batch.labels, media_repeat=2)
+        share = self.share_prompt
+        out = model(batch.input_ids, batch.attention_mask, batch.media, batch.labels, 2, share_prompt=share)
         logps = label_logprobs(out.logits, out.targets, out.kept).sum(-1)  # [2N]
         tokens = (batch.labels[:, 1:] != IGNORE).sum(-1)  # [2N]
         chosen, rejected = logps[0::2], logps[1::2]

@@ -70,6 +70,9 @@ class GRPOOptions:
         scale_rewards: divide advantages by the group's reward std (off for Dr. GRPO).
         filter_zero_variance: leave groups whose rewards are all equal out of the loss and its normaliser.
         share_prefill: prefill each prompt once for its G samples (off: G-fold prefill, for comparison).
+        share_prompt: in the loss forwards (policy, old policy, reference), compute each prompt once for its G
+            completions, which attend to it through an attention mask (``mmpost.model.shared_prompt``; same
+            log-probs, fewer tokens); with the LLM's ``sdpa`` or ``eager`` attention, else rows are computed whole.
     """
 
     name: Literal["grpo"] = "grpo"
@@ -86,6 +89,7 @@ class GRPOOptions:
     scale_rewards: bool = True
     filter_zero_variance: bool = False
     share_prefill: bool = True
+    share_prompt: bool = True
 
     def __post_init__(self) -> None:
         check_values(self, "stage")
@@ -197,6 +201,7 @@ class GRPO:
                         r.labels,
                         media_repeat=g,
                         temperature=o.temperature,
+                        share_prompt=o.share_prompt,
                     )
         items = list(zip(rollouts, masks, old, ref, strict=True))
         loss = functools.partial(self.item_loss, norm=norm)
@@ -208,8 +213,9 @@ class GRPO:
 
     def logprobs(self, model: torch.nn.Module, r: Rollout) -> torch.Tensor:
         """``[P*G, T-1]`` completion-token log-probs under ``model`` at the sampling temperature."""
-        out = model(r.input_ids, r.attention_mask, r.media, r.labels, media_repeat=self.options.group_size)
-        return label_logprobs(out.logits, out.targets, out.kept, self.options.temperature)
+        o = self.options
+        out = model(r.input_ids, r.attention_mask, r.media, r.labels, o.group_size, share_prompt=o.share_prompt)
+        return label_logprobs(out.logits, out.targets, out.kept, o.temperature)
 
     def item_loss(self, model: torch.nn.Module, item: tuple, norm: dict[str, float]) -> BatchLoss:
         """The clipped-ratio loss of one rollout, already normalised by the whole generation batch (``norm``);
