@@ -56,6 +56,11 @@ def media_count(inputs: MediaBatch) -> int:
     return next(iter(inputs.values())).shape[0]
 
 
+# The keys of a collated batch of cached features (``data.cache_features``), which stands for an encoder's output
+CACHED = "cached_features"
+CACHED_MASK = "cached_mask"
+
+
 @dataclass
 class Audio:
     """A decoded audio clip, the raw input of audio processors.
@@ -238,3 +243,12 @@ class FusionConnector(Connector):
 
     def num_tokens(self, num_features: int) -> int:
         return 1
+
+
+def cached_output(inputs: MediaBatch) -> EncoderOutput | None:
+    """The encoder output a batch of cached media stands for (``mmpost.data.feature_cache``), or None for a batch
+    of encoder inputs."""
+    if not (isinstance(inputs, dict) and CACHED in inputs):
+        return None
+    mask = inputs[CACHED_MASK]
+    return EncoderOutput(inputs[CACHED], None if bool(mask.all()) else mask)

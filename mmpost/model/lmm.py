@@ -13,14 +13,12 @@ The LLM is composed, never patched: mmpost calls ``get_input_embeddings()``, ``g
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mmpost.config.schema import LLMConfig, LoraConfig
-from mmpost.data.feature_cache import cached_output
 from mmpost.interfaces import (
     IGNORE,
     PLACEHOLDERS,
@@ -30,6 +28,7 @@ from mmpost.interfaces import (
     FusionConnector,
     MediaBatch,
     MediaText,
+    cached_output,
     media_count,
 )
 from mmpost.model import fusion
@@ -38,30 +37,9 @@ from mmpost.model.fusion import FusionMedia, FusionState
 from mmpost.model.llm import load_llm, prepare_tokenizer
 from mmpost.model.lora import add_lora, base_causal_lm, has_lora
 from mmpost.model.masks import packed_hidden
+from mmpost.model.outputs import TokenLogits
 from mmpost.model.positions import PositionScheme, positions_of
 from mmpost.model.shared_prompt import shared_logits
-
-
-@dataclass
-class TokenLogits:
-    """What ``LMM.forward`` returns: next-token logits at the positions a caller needs, and what they predict.
-
-    With labels, the positions are those that predict a label token (position ``t`` predicts token ``t + 1``), so
-    the largest tensor of a training step holds only those rows; without labels, every position.
-
-    Attributes:
-        logits: ``[N, V]`` one row per kept position, row-major over the batch.
-        kept: ``[B, P]`` bool, which positions the rows are (``P = T - 1`` with labels, ``T`` without).
-        targets: ``[N]`` the label token each row predicts; None without labels.
-    """
-
-    logits: torch.Tensor
-    kept: torch.Tensor
-    targets: torch.Tensor | None = None
-
-    def dense(self) -> torch.Tensor:
-        """``[B, P, V]`` logits of a forward without labels (every position kept)."""
-        return self.logits.reshape(*self.kept.shape, self.logits.shape[-1])
 
 
 def default_media_text(modalities) -> dict[str, MediaText]:

@@ -5,14 +5,11 @@ that share a prompt). transformers passes a 4-D mask to its attention as it is; 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from mmpost.interfaces import MediaBatch
-
-if TYPE_CHECKING:
-    from mmpost.model.lmm import LMM
 
 ATTENTION = ("sdpa", "eager")
 
@@ -50,10 +47,11 @@ def segment_positions(segments: torch.Tensor) -> torch.Tensor:
 
 
 def packed_hidden(
-    model: LMM, input_ids: torch.Tensor, segments: torch.Tensor, media: Mapping[str, MediaBatch] | None
+    model: Any, input_ids: torch.Tensor, segments: torch.Tensor, media: Mapping[str, MediaBatch] | None
 ) -> torch.Tensor:
-    """The decoder's last hidden states ``[B, T, D]`` for packed rows (``segments`` as in ``segment_mask``): each
-    sample sees only its own tokens and media, its positions starting at 0, as if it were alone in its row.
+    """The LMM ``model``'s last decoder hidden states ``[B, T, D]`` for packed rows (``segments`` as in
+    ``segment_mask``): each sample sees only its own tokens and media, its positions starting at 0, as if it were
+    alone in its row.
 
     Raises:
         ValueError: for an LLM whose attention takes no explicit mask, or a model with its own position scheme.

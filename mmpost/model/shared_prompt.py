@@ -18,16 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from mmpost.interfaces import IGNORE, MediaBatch
 from mmpost.model.masks import ATTENTION, attention_of, decoder_mask
+from mmpost.model.outputs import TokenLogits
 from mmpost.model.positions import positions_of
-
-if TYPE_CHECKING:
-    from mmpost.model.lmm import LMM, TokenLogits
 
 
 @dataclass
@@ -120,17 +118,15 @@ def shared_layout(
 
 
 def shared_logits(
-    model: LMM,
+    model: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     media: Mapping[str, MediaBatch] | None,
     labels: torch.Tensor,
     group: int,
 ) -> TokenLogits | None:
-    """``model``'s ``TokenLogits`` for rows in groups of ``group`` computed in the shared layout, or None when the
-    layout does not apply (then the caller computes the rows as they are)."""
-    from mmpost.model.lmm import TokenLogits
-
+    """The LMM ``model``'s ``TokenLogits`` for rows in groups of ``group`` computed in the shared layout, or None
+    when the layout does not apply (then the caller computes the rows as they are)."""
     implementation = attention_of(model.base_llm)
     if implementation not in ATTENTION:
         return None

@@ -9,12 +9,12 @@ import torch
 
 from mmpost.config import RunConfig
 from mmpost.data.batches import ConversationBatch
-from mmpost.data.feature_cache import feature_caches
 from mmpost.data.loader import read_source
 from mmpost.data.pipeline import ConversationPipeline
 from mmpost.losses.ce import cross_entropy_sum
 from mmpost.training.context import build_model, start_run
 from mmpost.training.evaluate import Evaluator
+from mmpost.training.features import feature_caches
 from mmpost.training.loop import start_training, train, training_loader
 from mmpost.training.step import BatchLoss, supervised_step
 from mmpost.training.trainable import resolve_parts

@@ -1,0 +1,30 @@
+"""What the LMM's forward returns, in a module of its own so that the pieces computing it need not import the
+LMM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TokenLogits:
+    """What ``LMM.forward`` returns: next-token logits at the positions a caller needs, and what they predict.
+
+    With labels, the positions are those that predict a label token (position ``t`` predicts token ``t + 1``), so
+    the largest tensor of a training step holds only those rows; without labels, every position.
+
+    Attributes:
+        logits: ``[N, V]`` one row per kept position, row-major over the batch.
+        kept: ``[B, P]`` bool, which positions the rows are (``P = T - 1`` with labels, ``T`` without).
+        targets: ``[N]`` the label token each row predicts; None without labels.
+    """
+
+    logits: torch.Tensor
+    kept: torch.Tensor
+    targets: torch.Tensor | None = None
+
+    def dense(self) -> torch.Tensor:
+        """``[B, P, V]`` logits of a forward without labels (every position kept)."""
+        return self.logits.reshape(*self.kept.shape, self.logits.shape[-1])
