@@ -29,7 +29,7 @@ def losses(path):
 
 
 def test_two_cached_epochs_give_the_uncached_losses_and_decode_each_image_once(run_config, tmp_path, decodes):
-    train = {"max_steps": 0, "epochs": 2, "batch_size": 16}
+    train = {"max_steps": 0, "epochs": 2, "batch_size": 32}
     assert main(["train", str(run_config("plain", train=train, data={"eval": None}))]) == 0
     plain_decodes, decodes["n"] = decodes["n"], 0
     cache = tmp_path / "cache"

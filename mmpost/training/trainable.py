@@ -152,12 +152,10 @@ def compile_regions(model: LMM) -> int:
 
 
 def can_fuse(params: Sequence[torch.Tensor]) -> bool:
-    """Whether AdamW's fused kernel takes ``params``: plain floating-point tensors on the CPU or a CUDA device.
-    It updates all of a group's tensors in one kernel: 0.031 s instead of foreach's 0.163 s per step on 57 M
-    trained parameters on 2 CPU cores. Sharded (DTensor) parameters keep the foreach path."""
-    return bool(params) and all(
-        type(p.data) is torch.Tensor and p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params
-    )
+    """Whether AdamW's fused kernel takes ``params``: floating-point tensors (FSDP2's sharded ones included) on the
+    CPU or a CUDA device. It updates all of a group's tensors in one kernel: 0.031 s instead of foreach's 0.163 s
+    per step on 57 M trained parameters on 2 CPU cores."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def model_flops_per_token(model: LMM) -> float:
