@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench.py"
 
 
@@ -82,3 +84,15 @@ def test_the_bench_runs_exactly_the_stage_that_train_runs(after_sft, tmp_path, o
     assert main(["train", str(config), "--set", f"out={tmp_path / 'trained'}", "train.max_steps=1"]) == 0
     bench_stage, train_stage = built
     assert bench_stage == train_stage and bench_stage.temperature == 0.7
+
+
+@pytest.mark.slow  # two trainers, each in a process of its own: ~45 s on 2 CPU cores
+def test_the_trl_peer_run_starts_from_the_same_loss(tmp_path):
+    out = tmp_path / "peer.json"
+    argv = ["--peer", "trl", "sft", "--size", "tiny", "--pairs", "1", "--steps", "2", "--warmup", "1"]
+    assert load_bench().main([*argv, "--work", str(tmp_path / "work"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    first = result["first_step"]
+    assert abs(first["mmpost"]["loss"] - first["trl"]["loss"]) < 1e-4
+    run = result["runs"][0]
+    assert run["mmpost"]["measured_units"] == run["trl"]["measured_units"] > 0  # the same tokens counted

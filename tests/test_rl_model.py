@@ -4,6 +4,8 @@ repeated media, and label log-probs equal a log-softmax of the full logits."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import make_batch
@@ -117,3 +119,26 @@ def test_dpo_and_grpo_losses_reach_every_connector_kind(make_model, synth_dir, k
     loss.backward()
     connector_grads = [p.grad for p in model.connectors["image"].parameters() if p.grad is not None]
     assert connector_grads and any(g.abs().sum() > 0 for g in connector_grads)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "xattn"])
+def test_a_steps_micro_batches_sampled_in_one_call_continue_as_each_alone(make_model, synth_dir, kind):
+    from mmpost.stages.grpo.rollout import merged_prompts
+
+    model = build(make_model, kind).eval()
+    records = read_records(synth_dir / "count.json", image_root=synth_dir / "images")
+    longer = [
+        dataclasses.replace(r, messages=[{**r.messages[0], "content": r.messages[0]["content"] + " Count well."}])
+        for r in records[2:5]
+    ]
+    micro = [make_batch(model, records[:2], kind="prompt"), make_batch(model, longer, kind="prompt")]
+    assert micro[0].input_ids.shape[1] < micro[1].input_ids.shape[1]  # merged, the first is padded further
+    ids, mask, media = merged_prompts(micro, model.tokenizer.pad_token_id)
+    with torch.no_grad():
+        together = model.generate(ids, mask, media, max_new_tokens=4, num_samples=2)
+        alone = [model.generate(b.input_ids, b.attention_mask, b.media, max_new_tokens=4, num_samples=2) for b in micro]
+    width = together.shape[1]
+    alone = torch.cat(
+        [torch.nn.functional.pad(a, (0, width - a.shape[1]), value=model.tokenizer.pad_token_id) for a in alone]
+    )
+    assert together.shape[0] == 10 and torch.equal(together, alone)

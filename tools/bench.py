@@ -32,11 +32,24 @@ random-weight model (a tiny CLIP tower, an mlp connector, a Llama) and the synth
 sample runs the full ``--max-new-tokens`` (end-of-sequence never stops it); the two paths alternate after a
 warm-up call each and the median of ``--repeats`` is reported. The greedy outputs of both paths must be
 identical, or the command exits with status 1.
+
+    python tools/bench.py --peer trl sft|dpo|grpo [--size full|tiny] [--pairs 3] [--steps 10] [--warmup 2]
+        [--variable-length] [--set train.batch_size=8 ...] [--json out.json]
+
+trains one random-weight model (a SigLIP tower, a 2-layer mlp connector and an 8-layer SmolLM2-shaped Llama;
+``--size tiny`` for a smoke run) for the stage with mmpost, through its training loop, and with TRL's trainer on
+mmpost's LLaVA export of it, on the same samples with the same settings (``--set`` keys reach TRL where it has
+them). Each timed run is a process of its own and the sides alternate, mmpost then TRL, ``--pairs`` times; it
+prints each run's figure (sft tokens/s with media tokens, dpo pairs/s, grpo completions/s) with its peak memory,
+mmpost/TRL per pair, the medians, both sides' first-step loss, and where the two compute differently.
+``--variable-length`` gives sft replies long-tailed lengths and packs them on the mmpost side where
+``data.packing`` exists. The details are in ``tools/peer_trl.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -291,8 +304,20 @@ def bench_grpo(args: argparse.Namespace) -> dict:
     }
 
 
+def peer(argv: list[str]) -> int:
+    """``--peer trl STAGE ...``: the comparison with TRL, in ``tools/peer_trl.py``."""
+    if argv[:1] != ["trl"]:
+        raise SystemExit(f"bench.py --peer: the one peer is trl, not {' '.join(argv[:1]) or 'nothing'}")
+    spec = importlib.util.spec_from_file_location("peer_trl", Path(__file__).with_name("peer_trl.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--peer"]:
+        return peer(argv[1:])
     if argv[:1] != ["grpo"]:
         return bench_stage(argv)
     from mmpost.cli import quiet_libraries

@@ -1,7 +1,8 @@
 """GRPO rollouts: sample G completions per prompt, score them, and lay them out as training rows.
 
 Sampling is the LMM's own ``generate()`` with the KV cache; by default each prompt (media and text) is
-prefilled once and its cache shared by its G samples (``share_prefill``). The rows of a rollout keep
+prefilled once and its cache shared by its G samples (``share_prefill``), and the prompts of a step's
+micro-batches are sampled in one call (``merged_prompts``). The rows of a rollout keep
 the prompts' order, G consecutive rows per prompt, so the prompts' media are encoded once per prompt
 in the loss forward too (``media_repeat=G``).
 """
@@ -50,31 +51,64 @@ class Rollout:
     counted: bool = True
 
 
+def merged_prompts(
+    batches: list[PromptBatch], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, MediaBatch]] | None:
+    """The prompts of several micro-batches as one left-padded batch (ids, mask, media), so that one ``generate``
+    call samples a whole step: each decoding step then reads the weights once for every prompt of the step. None
+    when their media do not stack (inputs padded to different widths per micro-batch)."""
+    width = max(b.input_ids.shape[1] for b in batches)
+
+    def left_pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value)
+
+    ids = torch.cat([left_pad(b.input_ids, pad_id) for b in batches])
+    mask = torch.cat([left_pad(b.attention_mask, 0) for b in batches])
+    media: dict[str, MediaBatch] = {}
+    for modality in {m for b in batches for m in b.media}:
+        parts = [b.media[modality] for b in batches if modality in b.media]
+        try:
+            if isinstance(parts[0], torch.Tensor):
+                media[modality] = torch.cat(parts)
+            else:
+                media[modality] = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+        except RuntimeError:  # e.g. audio padded to each micro-batch's longest clip
+            return None
+    return ids, mask, media
+
+
 @torch.no_grad()
-def sample_and_score(
+def sample(
     model: LMM,
-    batch: PromptBatch,
-    rewards: RewardSet,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    media: dict[str, MediaBatch],
     group_size: int,
     max_completion_length: int,
     temperature: float,
     top_p: float,
     share_prefill: bool,
-    scale_rewards: bool,
-) -> Rollout:
-    """Samples ``group_size`` completions per prompt of ``batch``, scores them and returns the training rows."""
-    ids, mask = batch.input_ids, batch.attention_mask
-    completions = model.generate(
-        ids,
-        mask,
-        batch.media,
+) -> torch.Tensor:
+    """``[P*G, L]`` sampled completions, G consecutive rows per prompt."""
+    return model.generate(
+        input_ids,
+        attention_mask,
+        media,
         max_new_tokens=max_completion_length,
         num_samples=group_size,
         share_prefill=share_prefill,
         do_sample=True,
         temperature=temperature,
         top_p=top_p,
-    )  # [P*G, L]
+    )
+
+
+@torch.no_grad()
+def score(
+    model: LMM, batch: PromptBatch, completions: torch.Tensor, rewards: RewardSet, group_size: int, scale_rewards: bool
+) -> Rollout:
+    """The training rows of ``batch``'s prompts and their sampled ``completions`` (``[P*G, L]``), scored."""
+    ids, mask = batch.input_ids, batch.attention_mask
     done = completion_mask(completions, eos_token_ids(model))  # [P*G, L]
     texts = [
         model.tokenizer.decode(row[keep], skip_special_tokens=True) for row, keep in zip(completions, done, strict=True)
@@ -100,3 +134,29 @@ def sample_and_score(
         zero_variance=zero_variance,
         texts=texts,
     )
+
+
+def sample_and_score(
+    model: LMM,
+    batch: PromptBatch,
+    rewards: RewardSet,
+    group_size: int,
+    max_completion_length: int,
+    temperature: float,
+    top_p: float,
+    share_prefill: bool,
+    scale_rewards: bool,
+) -> Rollout:
+    """Samples ``group_size`` completions per prompt of ``batch``, scores them and returns the training rows."""
+    completions = sample(
+        model,
+        batch.input_ids,
+        batch.attention_mask,
+        batch.media,
+        group_size,
+        max_completion_length,
+        temperature,
+        top_p,
+        share_prefill,
+    )
+    return score(model, batch, completions, rewards, group_size, scale_rewards)

@@ -38,7 +38,8 @@ from mmpost.losses.ce import label_logprobs
 from mmpost.losses.grpo import policy_loss
 from mmpost.model.lmm import LMM
 from mmpost.rewards import RewardSet
-from mmpost.stages.grpo.rollout import Rollout, sample_and_score
+from mmpost.stages.grpo import rollout as sampling
+from mmpost.stages.grpo.rollout import Rollout
 from mmpost.stages.reference import Reference, make_reference
 from mmpost.training.context import build_model, start_run
 from mmpost.training.evaluate import Evaluator
@@ -139,29 +140,29 @@ class GRPO:
         t0 = time.perf_counter()
         training.model.eval()
         with training.sharding.gathered(training.model):  # generation: each process alone on its prompts
-            pairs = zip(micro, counted, strict=True)
-            rollouts = [self.rollout(training.model, b.to(acc.device), real) for b, real in pairs]
+            rollouts = self.rollouts(training.model, [b.to(acc.device) for b in micro], counted)
         set_train_mode(training.model)
         t1 = time.perf_counter()
         record = self.optimise(training, rollouts, reference, active=prompts > 0)
         t2 = time.perf_counter()
         return record | {"time/sampling_share": (t1 - t0) / (t2 - t0), "time/step_s": t2 - t0}
 
-    def rollout(self, model: LMM, batch: PromptBatch, counted: bool) -> Rollout:
+    def rollouts(self, model: LMM, micro: list[PromptBatch], counted: list[bool]) -> list[Rollout]:
+        """The step's micro-batches sampled (in one ``generate`` call when their inputs stack) and scored."""
         o = self.options
-        rollout = sample_and_score(
-            model,
-            batch,
-            self.rewards,
-            o.group_size,
-            o.max_completion_length,
-            o.temperature,
-            o.top_p,
-            o.share_prefill,
-            o.scale_rewards,
-        )
-        rollout.counted = counted
-        return rollout
+        options = (o.group_size, o.max_completion_length, o.temperature, o.top_p, o.share_prefill)
+        merged = sampling.merged_prompts(micro, model.tokenizer.pad_token_id) if len(micro) > 1 else None
+        if merged is not None:
+            rows = [len(b.input_ids) * o.group_size for b in micro]
+            completions = list(sampling.sample(model, *merged, *options).split(rows))
+        else:
+            completions = [sampling.sample(model, b.input_ids, b.attention_mask, b.media, *options) for b in micro]
+        out = []
+        for batch, done, real in zip(micro, completions, counted, strict=True):
+            rollout = sampling.score(model, batch, done, self.rewards, o.group_size, o.scale_rewards)
+            rollout.counted = real
+            out.append(rollout)
+        return out
 
     def optimise(
         self, training: Training, rollouts: list[Rollout], reference: Reference | None, active: bool = True

