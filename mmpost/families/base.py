@@ -81,6 +81,45 @@ class Family(ABC):
         return " / ".join(self.architectures)
 
 
+def one_medium_lmm(
+    directory: Path,
+    llm: PreTrainedModel,
+    modality: str,
+    parts: tuple[nn.Module, nn.Module],
+    tokenizer: Any,
+    media_text: Any,
+    token_id: int,
+    **options: Any,
+) -> LMM:
+    """The LMM of a released model with one medium: its LLM, the ``(encoder, connector)`` ``parts`` of
+    ``modality``, written as ``media_text``, with ``options`` (``typed_chat``, ``positions``) for the LMM.
+
+    Raises:
+        CheckpointError: when the tokenizer gives the placeholder another id than the checkpoint's ``token_id``.
+    """
+    from mmpost.model.lmm import LMM
+
+    encoder, connector = parts
+    model = LMM(
+        llm,
+        {modality: encoder},
+        {modality: connector},
+        tokenizer=tokenizer,
+        media_text={modality: media_text},
+        **options,
+    )
+    if model.placeholder_ids[modality] != token_id:
+        raise CheckpointError(f"{directory}: {modality} token {media_text.token!r} is not id {token_id}")
+    return model
+
+
+def one_medium(model: LMM, modality: str) -> tuple[nn.Module, nn.Module] | str:
+    """``model``'s encoder and connector when ``modality`` is its one medium, else the reason it is not."""
+    if model.modalities != [modality]:
+        return f"exactly one {modality} modality (this model has {model.modalities})"
+    return model.encoders[modality], model.connectors[modality]
+
+
 def read_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     if not path.is_file():

@@ -45,7 +45,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mmpost.families.base import CheckpointError, Family, assemble, load_released, read_config, save_weights
+from mmpost.families.base import (
+    CheckpointError,
+    Family,
+    assemble,
+    load_released,
+    one_medium,
+    one_medium_lmm,
+    read_config,
+    save_weights,
+)
 from mmpost.interfaces import MediaText
 
 if TYPE_CHECKING:
@@ -85,8 +94,6 @@ class Blip2(Family):
     def load(self, directory: Path, architecture: str) -> LMM:
         from transformers import AutoProcessor
 
-        from mmpost.model.lmm import LMM
-
         _check_options(directory, read_config(directory))
         encoder_class, connector_class = self.parts()
         hf = load_released(self.classes()[0], directory)
@@ -109,24 +116,24 @@ class Blip2(Family):
         options = self.encoder_options(processor)
         encoder = encoder_class.from_tower(hf.vision_model, processor.image_processor, **options)
         connector = connector_class.from_modules(hf.qformer, hf.query_tokens, hf.language_projection)
-        model = LMM(
+        return one_medium_lmm(
+            directory,
             hf.language_model.eval(),
-            {"image": encoder},
-            {"image": connector},
-            tokenizer=tokenizer,
-            media_text={"image": MediaText(token, token)},
+            "image",
+            (encoder, connector),
+            tokenizer,
+            MediaText(token, token),
+            config.image_token_id,
             typed_chat=True,
         )
-        if model.placeholder_ids["image"] != config.image_token_id:
-            raise CheckpointError(f"{directory}: image token {token!r} is not id {config.image_token_id}")
-        return model
 
     def why_not(self, model: LMM) -> str | None:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-        if model.modalities != ["image"]:
-            return f"exactly one image modality (this model has {model.modalities})"
-        encoder, connector = model.encoders["image"], model.connectors["image"]
+        parts = one_medium(model, "image")
+        if isinstance(parts, str):
+            return parts
+        encoder, connector = parts
         encoder_class, connector_class = self.parts()
         if type(encoder) is not encoder_class:
             return f"a {self.label} vision tower ({encoder_class.name}); the image encoder is {type(encoder).__name__}"

@@ -31,6 +31,8 @@ from mmpost.families.base import (
     chat_template_of,
     llm_state,
     load_released,
+    one_medium,
+    one_medium_lmm,
     processor_template,
     prompt_text,
     rename_llm,
@@ -54,7 +56,6 @@ class Llava(Family):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         from mmpost.encoders.hf_vision import HFVisionEncoder
-        from mmpost.model.lmm import LMM
 
         hf = load_released(LlavaForConditionalGeneration, directory)
         config = hf.config
@@ -78,25 +79,25 @@ class Llava(Family):
         template, typed = chat_template_of(directory, tokenizer)
         tokenizer.chat_template = template
         token = tokenizer.convert_ids_to_tokens(config.image_token_id)
-        model = LMM(
+        return one_medium_lmm(
+            directory,
             llm,
-            {"image": encoder},
-            {"image": connector},
-            tokenizer=tokenizer,
-            media_text={"image": MediaText(token, token)},
+            "image",
+            (encoder, connector),
+            tokenizer,
+            MediaText(token, token),
+            config.image_token_id,
             typed_chat=typed,
         )
-        if model.placeholder_ids["image"] != config.image_token_id:
-            raise CheckpointError(f"{directory}: image token {token!r} is not id {config.image_token_id}")
-        return model
 
     def why_not(self, model: LMM) -> str | None:
         from mmpost.connectors.projection import MLPConnector
         from mmpost.encoders.hf_vision import HFVisionEncoder
 
-        if model.modalities != ["image"]:
-            return f"exactly one image modality (this model has {model.modalities})"
-        encoder, connector = model.encoders["image"], model.connectors["image"]
+        parts = one_medium(model, "image")
+        if isinstance(parts, str):
+            return parts
+        encoder, connector = parts
         if not isinstance(encoder, HFVisionEncoder):
             return f"a transformers CLIP / SigLIP tower (hf_vision); the image encoder is {type(encoder).__name__}"
         if not isinstance(connector, MLPConnector) or connector.depth > 2:

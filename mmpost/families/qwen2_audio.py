@@ -31,6 +31,8 @@ from mmpost.families.base import (
     chat_template_of,
     llm_state,
     load_released,
+    one_medium,
+    one_medium_lmm,
     processor_template,
     prompt_text,
     rename_llm,
@@ -58,7 +60,6 @@ class Qwen2Audio(Family):
 
         from mmpost.connectors.audio_pooler import AudioPoolerConnector
         from mmpost.encoders.qwen2_audio_encoder import QwenAudioEncoder
-        from mmpost.model.lmm import LMM
 
         hf = load_released(Qwen2AudioForConditionalGeneration, directory)
         config = hf.config
@@ -88,25 +89,25 @@ class Qwen2Audio(Family):
                 f"{config.audio_token_id} is {token!r}"
             )
         text = processor.audio_bos_token + token + processor.audio_eos_token
-        model = LMM(
+        return one_medium_lmm(
+            directory,
             llm,
-            {"audio": encoder},
-            {"audio": connector},
-            tokenizer=tokenizer,
-            media_text={"audio": MediaText(text, token)},
+            "audio",
+            (encoder, connector),
+            tokenizer,
+            MediaText(text, token),
+            config.audio_token_id,
             typed_chat=typed,
         )
-        if model.placeholder_ids["audio"] != config.audio_token_id:
-            raise CheckpointError(f"{directory}: audio token {token!r} is not id {config.audio_token_id}")
-        return model
 
     def why_not(self, model: LMM) -> str | None:
         from mmpost.connectors.audio_pooler import AudioPoolerConnector
         from mmpost.encoders.qwen2_audio_encoder import QwenAudioEncoder
 
-        if model.modalities != ["audio"]:
-            return f"exactly one audio modality (this model has {model.modalities})"
-        encoder, connector = model.encoders["audio"], model.connectors["audio"]
+        parts = one_medium(model, "audio")
+        if isinstance(parts, str):
+            return parts
+        encoder, connector = parts
         if not isinstance(encoder, QwenAudioEncoder):
             return (
                 f"a Qwen2-Audio audio tower (qwen2_audio, 30 s windows); the audio encoder is {type(encoder).__name__}"

@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mmpost.families.base import (
-    CheckpointError,
     Family,
     assemble,
     causal_lm,
     chat_template_of,
     llm_state,
     load_released,
+    one_medium,
+    one_medium_lmm,
     processor_template,
     prompt_text,
     rename_llm,
@@ -59,7 +60,6 @@ class Qwen2VL(Family):
         from mmpost.connectors.patch_merger import PatchMergerConnector
         from mmpost.encoders.qwen2_vl_vision import QwenVisionEncoder
         from mmpost.families.mrope import MRope
-        from mmpost.model.lmm import LMM
 
         version = _BY_CLASS[architecture]
         hf = load_released(getattr(transformers, architecture), directory)
@@ -81,27 +81,27 @@ class Qwen2VL(Family):
             tokenizer.convert_ids_to_tokens(config.vision_start_token_id),
             tokenizer.convert_ids_to_tokens(config.vision_end_token_id),
         )
-        model = LMM(
+        return one_medium_lmm(
+            directory,
             llm,
-            {"image": encoder},
-            {"image": connector},
-            tokenizer=tokenizer,
-            media_text={"image": MediaText(start + token + end, token)},
+            "image",
+            (encoder, connector),
+            tokenizer,
+            MediaText(start + token + end, token),
+            config.image_token_id,
             positions=MRope(encoder.merge_size),
             typed_chat=typed,
         )
-        if model.placeholder_ids["image"] != config.image_token_id:
-            raise CheckpointError(f"{directory}: image token {token!r} is not id {config.image_token_id}")
-        return model
 
     def why_not(self, model: LMM) -> str | None:
         from mmpost.connectors.patch_merger import PatchMergerConnector
         from mmpost.encoders.qwen2_vl_vision import QwenVisionEncoder
         from mmpost.families.mrope import MRope
 
-        if model.modalities != ["image"]:
-            return f"exactly one image modality (this model has {model.modalities})"
-        encoder, connector = model.encoders["image"], model.connectors["image"]
+        parts = one_medium(model, "image")
+        if isinstance(parts, str):
+            return parts
+        encoder, connector = parts
         if not isinstance(encoder, QwenVisionEncoder):
             return f"a Qwen2-VL vision tower (qwen2_vl); the image encoder is {type(encoder).__name__}"
         version = encoder.family

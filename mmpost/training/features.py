@@ -45,7 +45,14 @@ class FillPipeline:
 
 
 @torch.no_grad()
-def fill(caches: dict[str, FeatureCache], model, loader, accelerator, batch_size: int) -> int:
+def fill(
+    caches: dict[str, FeatureCache],
+    processors: dict[str, MediaProcessor],
+    model,
+    loader,
+    accelerator,
+    batch_size: int,
+) -> int:
     """Encodes and writes every medium ``loader`` (of a ``FillPipeline``) yields; returns how many."""
     from tqdm.auto import tqdm
 
@@ -55,7 +62,7 @@ def fill(caches: dict[str, FeatureCache], model, loader, accelerator, batch_size
             mine = [m for m in media if m[0] == modality]
             for start in range(0, len(mine), batch_size):
                 chunk = mine[start : start + batch_size]
-                inputs = model.encoders[modality].preprocessor().collate([item for _, _, item in chunk])
+                inputs = processors[modality].collate([item for _, _, item in chunk])
                 with accelerator.autocast():
                     out = model.features(modality, send(inputs, accelerator.device))
                 for i, (_, ref, item) in enumerate(chunk):
@@ -78,19 +85,20 @@ def feature_caches(ctx, model, parts: Sequence[str], samples) -> dict[str, Featu
         ValueError: when an encoder trains in this stage (``parts``) or reads text beside its media.
     """
     cfg, acc = ctx.cfg, ctx.accelerator
+    if trains_encoders(parts):
+        raise ValueError(
+            "data.cache_features: an encoder trains in this stage (train.trainable), so its features change "
+            "every step; leave the encoders frozen or unset data.cache_features"
+        )
+    processors = {m: e.preprocessor() for m, e in model.encoders.items()}
     caches = {}
     for modality, encoder in model.encoders.items():
-        processor = encoder.preprocessor()
-        if trains_encoders(parts):
-            raise ValueError(
-                "data.cache_features: an encoder trains in this stage (train.trainable), so its features change "
-                "every step; leave the encoders frozen or unset data.cache_features"
-            )
+        processor = processors[modality]
         if processor.reads_text:
             raise ValueError(f"data.cache_features: the {modality} encoder reads its message's text beside the medium")
         name = ENCODERS.name_of(type(encoder))
         caches[modality] = FeatureCache(cfg.data.cache_features, modality, name, encoder, processor)
-    fill_pipeline = FillPipeline({m: e.preprocessor() for m, e in model.encoders.items()}, caches)
+    fill_pipeline = FillPipeline(processors, caches)
     loader, _ = make_loader(
         samples,
         fill_pipeline,
@@ -103,7 +111,7 @@ def feature_caches(ctx, model, parts: Sequence[str], samples) -> dict[str, Featu
     model.to(acc.device)
     was_training = model.training
     model.eval()
-    written = fill(caches, model, loader, acc, cfg.eval.batch_size)
+    written = fill(caches, processors, model, loader, acc, cfg.eval.batch_size)
     model.train(was_training)
     acc.wait_for_everyone()
     log.info("feature cache: %d media encoded now, the rest read from %s", written, cfg.data.cache_features)
