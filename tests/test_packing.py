@@ -112,3 +112,28 @@ def test_packing_is_refused_for_a_model_with_its_own_positions(tmp_path):
     with pytest.raises(ValueError, match="M-RoPE"):
         model(batch.input_ids, batch.attention_mask, batch.media, batch.labels, segments=batch.segments)
     assert (batch.labels[:, 1:] != IGNORE).any()
+
+
+def test_segmented_attention_equals_a_block_diagonal_mask():
+    """Attention sample by sample over one row equals the dense computation with a block-diagonal causal mask,
+    grouped-query heads included; without the bounds it refuses instead of attending across samples."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from mmpost.model.segments import FlatRow, segmented_attention
+
+    torch.manual_seed(0)
+    segments = torch.tensor([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
+    row = FlatRow.of(segments)
+    assert row.segments.tolist() == [[1, 1, 1, 2, 2, 3, 3, 3, 3, 3, 3]] and row.bounds.tolist() == [0, 3, 5, 11]
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    query, key, value = torch.randn(1, 4, 11, 8), torch.randn(1, 2, 11, 8), torch.randn(1, 2, 11, 8)
+    ours, _ = segmented_attention(module, query, key, value, None, scaling=0.3, **row.attention_kwargs())
+    flat = row.segments[0]
+    allowed = torch.ones(11, 11, dtype=torch.bool).tril() & (flat[:, None] == flat[None, :])
+    theirs, _ = sdpa_attention_forward(module, query, key, value, allowed[None, None], scaling=0.3)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    hidden = torch.randn(2, 6, 3)
+    assert torch.equal(row.unflatten(row.flatten(hidden)), hidden * (segments > 0)[..., None])
+    with pytest.raises(RuntimeError, match="data.packing: false"):
+        segmented_attention(module, query, key, value, None)

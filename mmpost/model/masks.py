@@ -1,6 +1,6 @@
-"""Explicit attention masks for the decoder: rows whose tokens may not all see each other (packed samples, answers
-that share a prompt). transformers passes a 4-D mask to its attention as it is; ``sdpa`` takes it boolean,
-``eager`` adds it, and flash attention takes none, so these layouts need one of the first two."""
+"""Rows whose tokens may not all see each other: answers that share a prompt (an explicit mask) and packed samples
+(one row, attention sample by sample). transformers passes a 4-D mask to its attention as it is; ``sdpa`` takes
+it boolean, ``eager`` adds it, and flash attention takes none, so masks need one of the first two."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from mmpost.interfaces import MediaBatch
+from mmpost.model.segments import FLASH, FlatRow, segmented
 
 ATTENTION = ("sdpa", "eager")
 
@@ -29,14 +30,6 @@ def decoder_mask(allowed: torch.Tensor, implementation: str, dtype: torch.dtype)
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def segment_mask(segments: torch.Tensor) -> torch.Tensor:
-    """``[B, T, T]``: a token sees the earlier tokens of its own segment (``segments`` ``[B, T]``: 1, 2, ... per
-    packed sample, 0 on padding)."""
-    length = segments.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
-    return causal & (segments[:, None, :] == segments[:, :, None]) & (segments[:, None, :] > 0)
-
-
 def segment_positions(segments: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` position ids restarting at 0 at the first token of every segment (0 on padding)."""
     index = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
@@ -49,25 +42,25 @@ def segment_positions(segments: torch.Tensor) -> torch.Tensor:
 def packed_hidden(
     model: Any, input_ids: torch.Tensor, segments: torch.Tensor, media: Mapping[str, MediaBatch] | None
 ) -> torch.Tensor:
-    """The LMM ``model``'s last decoder hidden states ``[B, T, D]`` for packed rows (``segments`` as in
-    ``segment_mask``): each sample sees only its own tokens and media, its positions starting at 0, as if it were
-    alone in its row.
+    """The LMM ``model``'s last decoder hidden states ``[B, T, D]`` (zeros on padding) for packed rows:
+    ``segments`` ``[B, T]`` numbers the samples of each row 1, 2, ... (0 on padding). Each sample sees only its own
+    tokens and media, its positions starting at 0, as if it were alone in its row. The rows run as one row of their
+    real tokens, attention sample by sample (``mmpost.model.segments``).
 
     Raises:
-        ValueError: for an LLM whose attention takes no explicit mask, or a model with its own position scheme.
+        ValueError: for an LLM whose attention is neither sdpa, eager nor flash attention, or a model with its own
+            position scheme.
     """
     implementation = attention_of(model.base_llm)
-    if implementation not in ATTENTION:
-        raise ValueError(
-            f"data.packing needs the LLM's sdpa or eager attention (an explicit mask); this LLM runs {implementation}"
-        )
+    if implementation not in ATTENTION + FLASH:
+        raise ValueError(f"data.packing needs the LLM's sdpa, eager or flash attention; this LLM runs {implementation}")
     if model.positions is not None:
         raise ValueError("data.packing: this model computes its own position ids (M-RoPE); set data.packing: false")
-    positions = segment_positions(segments)
-    embeds, fused = model.embed(input_ids, media, positions, segments=segments)
-    mask = decoder_mask(segment_mask(segments), implementation, embeds.dtype)
-    with model.fusion_state.active(fused, positions, segments):
+    row = FlatRow.of(segments)
+    positions = segment_positions(row.segments)
+    embeds, fused = model.embed(row.flatten(input_ids), media, positions, segments=row.segments)
+    with model.fusion_state.active(fused, positions, row.segments), segmented(model.base_llm):
         out = model.base_llm.get_decoder()(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+            inputs_embeds=embeds, position_ids=positions, use_cache=False, **row.attention_kwargs()
         )
-    return out.last_hidden_state
+    return row.unflatten(out.last_hidden_state)
