@@ -112,9 +112,10 @@ class DataConfig:
             (corrupt media, too long, no answer tokens); judged once 50 samples have been seen.
         packing: align, sft and distill pack each micro-batch's conversations into rows of up to ``max_length``
             tokens (first-fit decreasing), each conversation attending only to itself and its own media, its
-            positions starting at 0: the same losses with less padding. Needs the LLM's ``sdpa`` or ``eager``
-            attention and 1-D positions (not Qwen2-VL's M-RoPE); not with on-policy distillation or a teacher
-            that reads its own batches. The loss is still normalised by the label tokens of the whole step.
+            positions starting at 0: the same losses with no padding (the rows run as one row of their real
+            tokens, attention sample by sample). Needs the LLM's ``sdpa``, ``eager`` or flash attention and 1-D
+            positions (not Qwen2-VL's M-RoPE); not with on-policy distillation or a teacher that reads its own
+            batches. The loss is still normalised by the label tokens of the whole step.
         cache_features: a folder where align and sft keep the features of frozen encoders: every training medium
             the folder lacks is encoded once before the first step (each process its share), and every epoch,
             and later runs with the same encoder, weights and preprocessing, read the features memory-mapped
