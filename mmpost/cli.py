@@ -94,7 +94,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     calib = args.calib
     if calib and args.calib_image_root:
         calib = DataSourceConfig(path=calib, image_root=args.calib_image_root)
-    export(args.model, args.out, fmt=args.format, force=args.force, quantize=args.quantize, calib=calib)
+    export(
+        args.model,
+        args.out,
+        fmt=args.format,
+        force=args.force,
+        quantize=args.quantize,
+        calib=calib,
+        llama_cpp=args.llama_cpp,
+    )
     report = read_report(args.out)
     reload, size = report["reload"], report["size"]
     print(
@@ -110,6 +118,12 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"bf16 size; vs the float model max |logit difference| {moved['max_abs_logit_diff']:.3g}, greedy "
             f"agreement {moved['greedy_agreement']}"
         )
+    if "engine" in report:
+        engine = report["engine"]
+        if engine["engine"] is None:
+            print(f"not run by llama.cpp: {engine['not_run']}")
+        else:
+            print(f"{engine['engine']} answers the probes as the model does: {engine['greedy_agreement']}")
     return 0
 
 
@@ -215,16 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", help="write a model for serving (mmpost format, or transformers' LLaVA layout)")
+    p = sub.add_parser(
+        "export", help="write a model for serving (mmpost format, transformers' layouts, or GGUF for llama.cpp)"
+    )
     p.add_argument("model", help="a saved model directory, a run (its final/), or hf:PATH (a released checkpoint)")
-    p.add_argument("--format", choices=["hf", "mmpost"], default="mmpost")
+    p.add_argument("--format", choices=["hf", "mmpost", "gguf"], default="mmpost")
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing it")
     p.add_argument(
         "--quantize",
         metavar="SCHEME",
         help="quantize the LLM first: w8a16, w4a16 (round to nearest), w8a16-gptq, w4a16-gptq, or a YAML "
-        "file of quantize keys (configs/quant/); written in the compressed-tensors format",
+        "file of quantize keys (configs/quant/); written in the compressed-tensors format. With --format gguf: "
+        "f16 (default), q8_0 or q4_k_m (llama.cpp's llama-quantize)",
     )
     p.add_argument(
         "--calib",
@@ -232,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="gptq calibration data: .json / .jsonl, shards, or a run config (default: the run's training data)",
     )
     p.add_argument("--calib-image-root", metavar="DIR", help="folder the --calib file's media paths are relative to")
+    p.add_argument(
+        "--llama-cpp",
+        metavar="DIR",
+        help="--format gguf: a llama.cpp build's bin folder (llama-mtmd-cli checks the export, llama-quantize "
+        "makes q4_k_m); default $MMPOST_LLAMA_CPP, else PATH",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("distill-data", help="let a teacher answer prompts and write the answers as sft data")

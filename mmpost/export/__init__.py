@@ -5,9 +5,14 @@
   Qwen2.5-VL, BLIP-2, Qwen2-Audio), with its processor; reloads with the transformers Auto classes. A model
   that fits none is refused with what each class would need.
 
-With ``quantize``, the quantize pass (``mmpost.quant``) runs first and the LLM is written in the
-compressed-tensors format, which transformers (with ``compressed-tensors`` installed) and vLLM load. The
-report (also written to ``export_report.json``) gives the reloaded export's agreement with the model it
+- ``gguf``: llama.cpp's two files, the LLM (``model-<quant>.gguf``) and the tower with its projector
+  (``mmproj-f16.gguf``), for LLaVA-style models (``mmpost.export.gguf_llm``); written from the checked LLaVA
+  layout, read back, and answered by llama.cpp's ``llama-mtmd-cli`` on the probes where its tools are found
+  (``mmpost.export.llama_cpp_check``). ``quantize`` is then ``f16`` (default), ``q8_0`` or ``q4_k_m``.
+
+With ``quantize`` (formats ``mmpost`` and ``hf``), the quantize pass (``mmpost.quant``) runs first and the LLM
+is written in the compressed-tensors format, which transformers (with ``compressed-tensors`` installed) and vLLM
+load. The report (also written to ``export_report.json``) gives the reloaded export's agreement with the model it
 came from, the quantized model's agreement with the float one, and the size on disk.
 """
 
@@ -40,6 +45,7 @@ def export(
     force: bool = False,
     quantize: Any = None,
     calib: str | Path | DataSourceConfig | None = None,
+    llama_cpp: str | Path | None = None,
 ) -> Path:
     """Writes ``model`` (a model, saved directory or run) to ``out`` in format ``fmt``, verifies it, writes
     the report to ``out/export_report.json`` and returns ``out``.
@@ -49,6 +55,8 @@ def export(
             exports the weights as they are.
         calib: calibration data for gptq (a data source, a .json / .jsonl file, shards, or a run config whose
             training data to use); by default the training data of the run ``model`` names.
+        llama_cpp: for ``gguf``, a llama.cpp build's bin folder (``llama-mtmd-cli``, ``llama-quantize``); by
+            default ``$MMPOST_LLAMA_CPP``, else ``PATH``.
 
     Raises:
         FileExistsError: if ``out`` is not empty and ``force`` is False.
@@ -56,8 +64,16 @@ def export(
             the source (``out`` is then removed).
     """
     out = Path(out)
-    if fmt not in ("mmpost", "hf"):
-        raise ExportError(f"unknown export format {fmt!r}; use mmpost or hf")
+    if fmt not in ("mmpost", "hf", "gguf"):
+        raise ExportError(f"unknown export format {fmt!r}; use mmpost, hf or gguf")
+    gguf_quant = None
+    if fmt == "gguf":
+        from mmpost.export.gguf_llm import QUANTS, check_gguf_parts
+
+        gguf_quant, quantize = quantize or "f16", None
+        if gguf_quant not in QUANTS:
+            kinds = ", ".join(QUANTS)
+            raise ExportError(f"--format gguf quantizes with llama.cpp's types: {kinds}, not {gguf_quant!r}")
     source_dir = None
     if isinstance(model, LMM):
         check_out(out, None, force)
@@ -69,7 +85,9 @@ def export(
         check_out(out, Path(model), force)
         model = load_lmm(source_dir)
     model.eval()
-    family = family_for(model) if fmt == "hf" else None  # before a long quantize pass
+    if gguf_quant is not None:
+        check_gguf_parts(model)
+    family = family_for(model) if fmt in ("hf", "gguf") else None  # before a long quantize pass
     probe_list = probes(model)
     report: dict[str, Any] = {"format": fmt}
     if quantize is not None:
@@ -81,7 +99,9 @@ def export(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with torch.no_grad():
-            if family is not None:
+            if gguf_quant is not None:
+                report |= export_gguf(model, family, tmp, gguf_quant, probe_list, expected, llama_cpp)
+            elif family is not None:
                 family.export(model, tmp)
                 report["layout"] = json.loads((tmp / "config.json").read_text())["architectures"][0]
                 report["reload"] = check_hf_export(model, family, tmp, probe_list, expected)
@@ -100,6 +120,22 @@ def export(
     tmp.rename(out)
     log.info("export %s verified: %s", fmt, json.dumps(report))
     return out
+
+
+def export_gguf(model: LMM, family, tmp: Path, quant: str, probe_list, expected, llama_cpp) -> dict[str, Any]:
+    """The GGUF pair in ``tmp``, written from the LLaVA layout once transformers reloads that as the source, then
+    read by llama.cpp where its tools are found; returns the report's entries."""
+    from mmpost.export.gguf_llm import write_gguf
+    from mmpost.export.llama_cpp_check import check_in_llama_cpp
+
+    layout = tmp / "llava"
+    family.export(model, layout)
+    report = {"layout": "LlavaForConditionalGeneration (the GGUF files' source, not kept)"}
+    report["reload"] = check_hf_export(model, family, layout, probe_list, expected)
+    report["gguf"] = write_gguf(layout, tmp, quant, Path(llama_cpp) if llama_cpp else None)
+    shutil.rmtree(layout)
+    report["engine"] = check_in_llama_cpp(model, tmp, report["gguf"], probe_list, expected, llama_cpp)
+    return report
 
 
 def check_out(out: Path, source: Path | None, force: bool) -> None:
