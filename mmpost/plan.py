@@ -191,7 +191,7 @@ def frozen_copy(cfg: RunConfig, s: Shapes, trained: int) -> int:
         teacher = type(cfg)(stage=stage, from_=stage.teacher)
         t = shapes(teacher)
         return t.llm + t.encoders + t.connectors
-    needs_reference = (stage.name == "dpo" and stage.loss_type != "simpo") or (stage.name == "grpo" and stage.beta > 0)
+    needs_reference = (stage.name == "dpo" and stage.needs_reference) or (stage.name == "grpo" and stage.beta > 0)
     fresh_adapters = cfg.model.lora.r > 0 and trained == s.lora  # added in this stage: the policy, adapters off
     if not needs_reference or fresh_adapters:
         return 0

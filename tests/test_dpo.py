@@ -80,6 +80,46 @@ def test_dpo_variants_train(dpo_config, tmp_path, variant, caplog):
         assert "kl" not in lines[0] and "reference:" not in caplog.text
 
 
+def test_orpo_trains_without_a_reference(dpo_config, tmp_path, caplog):
+    """The learning evidence (held-out preference accuracy) is the opt-in tests/test_preference_learning.py."""
+    caplog.set_level("INFO", logger="mmpost")
+    cfg = dpo_config(stage={"loss_type": "orpo", "beta": 5.0}, train={"max_steps": 32, "lr": 2e-3})
+    assert main(["train", str(cfg)]) == 0
+    lines = train_lines(tmp_path / "dpo")
+    assert "kl" not in lines[0] and "reference:" not in caplog.text
+    # the loss of the first step is the chosen NLL plus β -log σ(log odds) of nearly even odds
+    assert lines[0]["loss"] == pytest.approx(lines[0]["nll"] + 5.0 * math.log(2), abs=0.2)
+    assert sum(r["loss"] for r in lines[-8:]) / 8 < 0.8 * lines[0]["loss"]
+    assert sum(r["log_odds"] for r in lines[-8:]) / 8 > lines[0]["log_odds"] + 0.5  # the training pairs' odds part
+
+
+def test_kto_trains_on_unpaired_examples(dpo_config, tmp_path, synth_dir):
+    images = str(synth_dir / "images")
+    data = {"train": {"path": str(synth_dir / "unpaired.json"), "image_root": images, "max_samples": 16}}
+    cfg = dpo_config(stage={"loss_type": "kto", "beta": 1.0}, data=data, train={"max_steps": 32, "lr": 2e-3})
+    assert main(["train", str(cfg)]) == 0
+    lines = train_lines(tmp_path / "dpo")
+    assert lines[0]["loss"] == pytest.approx(0.5, abs=1e-4)  # policy == reference: 1 - σ(0), whatever the label
+    assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert sum(r["loss"] for r in lines[-8:]) / 8 < 0.8 * lines[0]["loss"]
+    last = lines[-1]
+    assert last["rewards/desirable"] > 0 > last["rewards/undesirable"]
+
+
+@pytest.mark.parametrize(
+    "loss_type, path, message",
+    [("kto", "pairs.json", "not preference pairs"), ("sigmoid", "unpaired.json", "set stage.loss_type: kto")],
+)
+def test_the_wrong_kind_of_preference_data_is_refused_before_a_model_loads(
+    dpo_config, tmp_path, capsys, monkeypatch, synth_dir, loss_type, path, message
+):
+    monkeypatch.setattr("mmpost.stages.dpo.stage.build_model", lambda *a: pytest.fail("a model was built"))
+    train = {"path": str(synth_dir / path), "image_root": str(synth_dir / "images")}
+    cfg = dpo_config(stage={"loss_type": loss_type}, data={"train": train})
+    assert main(["train", str(cfg)]) != 0
+    assert message in capsys.readouterr().err
+
+
 def test_precomputed_reference_gives_the_same_run(dpo_config, tmp_path):
     assert main(["train", str(dpo_config("live", stage={"precompute_reference": False}))]) == 0
     assert main(["train", str(dpo_config("pre", stage={"precompute_reference": True}))]) == 0

@@ -207,18 +207,20 @@ class PairPipeline(Pipeline):
     skipped.
     """
 
+    answers = ("chosen", "rejected")
+
     def process(self, sample: Sample) -> Item | Skipped:
         prepared = self.prepare_media(sample)
         if isinstance(prepared, Skipped):
             return prepared
         media, counts = prepared
         answers = []
-        for key in ("chosen", "rejected"):
+        for key in self.answers:
             answer = pair_answer(sample.meta.get(key))
             if answer is None:
                 return Skipped(sample.where(), f"no {key!r} answer (a string, or one assistant message)")
             answers.append(answer)
-        if answers[0] == answers[1]:
+        if answers[0] == answers[1] and self.answers == PairPipeline.answers:
             return Skipped(sample.where(), "chosen and rejected are identical: the pair prefers nothing")
         if sample.messages and sample.messages[-1]["role"] == "assistant":
             return Skipped(sample.where(), "a preference prompt must end with a user turn; the answers follow it")
@@ -239,6 +241,13 @@ class PairPipeline(Pipeline):
 
     def collate(self, items: Sequence[Item | Skipped]) -> PairBatch:
         return PairBatch(**self.common(items, side="left"))
+
+
+class UnpairedPipeline(PairPipeline):
+    """KTO's rows: a prompt continued by its own ``completion`` and by ``kl_completion``, another example's, whose
+    log-ratio estimates the KL baseline; laid out as ``PairBatch`` pairs (own row first, media once for both)."""
+
+    answers = ("completion", "kl_completion")
 
 
 class PromptPipeline(Pipeline):

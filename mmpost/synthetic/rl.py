@@ -71,6 +71,7 @@ def write_rl(
     ]
 
     write_json(out / "pairs.json", pairs)
+    write_json(out / "unpaired.json", [_unpaired(p, i % 2 == 0) for i, p in enumerate(pairs)])
     write_jsonl(out / "pairs_heldout.jsonl", pairs_heldout)
     write_json(out / "count.json", count)
     write_jsonl(out / "count_heldout.jsonl", count_heldout)
@@ -80,6 +81,7 @@ def write_rl(
 
     manifest["counts"].update(
         pairs=len(pairs),
+        unpaired=len(pairs),
         pairs_heldout=len(pairs_heldout),
         count=len(count),
         count_heldout=len(count_heldout),
@@ -92,6 +94,7 @@ def write_rl(
     manifest["count_shard_urls"] = f"count_shards/count-{{000000..{len(count_shards) - 1:06d}}}.tar"
     manifest["files"].update(
         pairs="pairs.json",
+        unpaired="unpaired.json",
         pairs_heldout="pairs_heldout.jsonl",
         count="count.json",
         count_heldout="count_heldout.jsonl",
@@ -113,6 +116,13 @@ def _pair(
         "images": [ref],
         "task": task,
     }
+
+
+def _unpaired(pair: dict[str, Any], desirable: bool) -> dict[str, Any]:
+    """KTO's example from a pair: its prompt with the chosen answer (desirable) or the rejected one."""
+    completion = pair["chosen"] if desirable else pair["rejected"]
+    fields = {k: v for k, v in pair.items() if k not in ("chosen", "rejected")}
+    return fields | {"id": pair["id"].replace("pair", "unpaired"), "completion": completion, "label": desirable}
 
 
 def _count(sample_id: str, scene: Scene, ref: str, rng: random.Random, *, reply: bool) -> dict[str, Any]:

@@ -70,6 +70,8 @@ def synthesize(
         pairs.json                         messages format, one preference pair per train image: a user-only
                                            prompt, chosen / rejected replies and task (balanced)
         pairs_heldout.jsonl                the same, one pair per held-out image
+        unpaired.json                      kto's examples: each pair's prompt with its chosen reply (label true)
+                                           or, every other pair, its rejected one (label false)
         pair_shards/pairs-000000.tar ...   the pairs.json records as webdataset shards
         count.json                         messages format, one user-only counting prompt per train image,
                                            with task / answer

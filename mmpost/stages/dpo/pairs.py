@@ -21,6 +21,7 @@ from mmpost.data.sample import DataError, Sample
 from mmpost.interfaces import IGNORE
 from mmpost.losses.ce import label_logprobs
 from mmpost.losses.dpo import preference_loss
+from mmpost.losses.orpo import odds_ratio_loss
 from mmpost.model.lmm import LMM
 from mmpost.stages.reference import Reference
 from mmpost.training.context import RunContext
@@ -32,6 +33,8 @@ log = logging.getLogger("mmpost")
 
 STAT_KEYS = (
     "kl",
+    "log_odds",
+    "nll",
     "logps/chosen",
     "logps/rejected",
     "rewards/accuracy",
@@ -72,12 +75,15 @@ class ReferenceLogps:
         return logps[0::2], logps[1::2]
 
     @torch.no_grad()
-    def precomputed(self, ctx: RunContext, model: LMM, samples: list[Sample]) -> ReferenceLogps:
-        """The reference log-probs of every pair of ``samples``, computed once, as a look-up."""
+    def precomputed(
+        self, ctx: RunContext, model: LMM, samples: list[Sample], pipeline: PairPipeline | None = None
+    ) -> ReferenceLogps:
+        """The reference log-probs of every pair of ``samples`` (made into rows by ``pipeline``, dpo's pairs by
+        default), computed once, as a look-up."""
         from tqdm.auto import tqdm
 
         cfg, acc = ctx.cfg, ctx.accelerator
-        pipeline = PairPipeline.for_model(model, cfg.data.max_length)
+        pipeline = pipeline or PairPipeline.for_model(model, cfg.data.max_length)
         loader, _ = make_loader(
             samples,
             pipeline,
@@ -122,7 +128,11 @@ class PairLoss:
         ref_chosen = ref_rejected = None
         if self.reference_logps is not None:
             ref_chosen, ref_rejected = self.reference_logps(self.accelerator.unwrap_model(model), batch)
-        out = preference_loss(chosen, rejected, ref_chosen, ref_rejected, tokens[0::2], tokens[1::2], **self.options)
+        if self.options["loss_type"] == "orpo":
+            out, nll = orpo_loss(chosen, rejected, tokens, self.options["beta"])
+        else:
+            nll = None
+            out = preference_loss(chosen, rejected, ref_chosen, ref_rejected, *pair_tokens(tokens), **self.options)
         stats = {
             "rewards/chosen": out.chosen_rewards.sum(),
             "rewards/rejected": out.rejected_rewards.sum(),
@@ -133,7 +143,25 @@ class PairLoss:
         }
         if ref_chosen is not None:
             stats["kl"] = ((chosen.detach() - ref_chosen) + (rejected.detach() - ref_rejected)).sum() / 2
-        return BatchLoss(loss_sum=out.losses.sum(), units=batch.pairs, stats=stats)
+        if nll is not None:
+            stats["nll"] = nll.detach().sum()
+            stats["log_odds"] = out.log_odds.sum()
+        return BatchLoss(loss_sum=out.losses.sum() + (0 if nll is None else nll.sum()), units=batch.pairs, stats=stats)
+
+
+def pair_tokens(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[2N]`` answer token counts, chosen and rejected side by side, as the two ``[N]`` halves."""
+    return tokens[0::2], tokens[1::2]
+
+
+def orpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, tokens: torch.Tensor, beta: float):
+    """ORPO (``mmpost.losses.orpo``) from the summed answer log-probs: the odds-ratio term of each pair and the
+    chosen answer's NLL per token. Departs from TRL's ``ORPOTrainer``, whose NLL averages over every attended token
+    of the chosen rows, prompt included: here it is the answer's alone, as in the paper (eq. 2), and the mean is
+    per pair, as every loss of this stage."""
+    chosen_tokens, rejected_tokens = pair_tokens(tokens.clamp(min=1))
+    out = odds_ratio_loss(chosen / chosen_tokens, rejected / rejected_tokens, beta=beta)
+    return out, -chosen / chosen_tokens
 
 
 class PairEvaluator:
@@ -182,4 +210,6 @@ def eval_pairs(model: LMM, batches: Iterable[PairBatch], loss: PairLoss, acc) ->
     result = dict(zip(keys, totals.tolist(), strict=True))
     if loss.reference_logps is None:
         result.pop("kl")
+    if loss.options["loss_type"] != "orpo":
+        result.pop("log_odds"), result.pop("nll")
     return result
