@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from mmpost.config.schema import DataSourceConfig
-from mmpost.export.check import agreement, check_hf_export, check_mmpost_export, outputs, probes
+from mmpost.export.check import agreement, answers_text, check_hf_export, check_mmpost_export, outputs, probes
 from mmpost.families import HF_PREFIX, ExportError, family_for, from_pretrained
 from mmpost.model.build import load_lmm
 from mmpost.model.format import resolve_model_dir
@@ -95,6 +95,11 @@ def export(
         report |= figures
     else:
         expected = outputs(model, probe_list)
+    # what a serving engine must answer: the probe images are probe_image(i), 64 px (tools/vllm_check.py)
+    answers = answers_text(model, expected)
+    report["probes"] = [
+        {"image": i, "prompt": p.prompt, "answer": a} for i, (p, a) in enumerate(zip(probe_list, answers, strict=True))
+    ]
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -98,6 +98,17 @@ def outputs(model: LMM, probe_list: list[Probe]) -> list[tuple[torch.Tensor, tor
     return [(model(*p.args()).dense(), model.generate(*p.args(), PROBE_NEW_TOKENS)) for p in probe_list]
 
 
+def answers_text(model: LMM, expected: list) -> list[str]:
+    """The greedy answers of ``outputs`` as text, up to the end of sequence, special tokens dropped."""
+    tokenizer, texts = model.tokenizer, []
+    for _, tokens in expected:
+        ids = tokens[0].tolist()
+        if tokenizer.eos_token_id in ids:
+            ids = ids[: ids.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return texts
+
+
 def agreement(expected: list, got: list) -> tuple[dict[str, Any], int]:
     """Max |logit difference| over the probes, and how many probes give the same greedy tokens."""
     diff = max(float((e[0] - g[0]).abs().max()) for e, g in zip(expected, got, strict=True))

@@ -68,18 +68,6 @@ class LlamaCpp:
         return done.stdout.rsplit(_RESPONSE, 1)[1].strip()
 
 
-def source_answers(model, probe_list: Sequence[Any], expected: Sequence[Any]) -> list[str]:
-    """The source model's greedy answers on the probes, as text (``expected``: ``mmpost.export.check.outputs``)."""
-    tokenizer = model.tokenizer
-    answers = []
-    for _, tokens in expected:
-        ids = tokens[0].tolist()
-        if tokenizer.eos_token_id in ids:
-            ids = ids[: ids.index(tokenizer.eos_token_id)]
-        answers.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
-    return answers
-
-
 def check_in_llama_cpp(
     model, out: Path, written: dict[str, Any], probe_list: Sequence[Any], expected: Sequence[Any], llama_cpp=None
 ) -> dict[str, Any]:
@@ -98,7 +86,7 @@ def check_in_llama_cpp(
             "engine": None,
             "not_run": f"{MTMD_CLI} not found (name a llama.cpp build's bin folder in {LLAMA_CPP_ENV})",
         }
-    from mmpost.export.check import PROBE_NEW_TOKENS
+    from mmpost.export.check import PROBE_NEW_TOKENS, answers_text
 
     files = written["files"]
     engine = LlamaCpp(binary, out / files["model"], out / files["mmproj"], PROBE_NEW_TOKENS)
@@ -108,7 +96,7 @@ def check_in_llama_cpp(
             image = Path(tmp) / f"probe-{i}.png"
             probe.image.save(image)
             theirs.append(engine.answer(image, probe.prompt))
-    ours = source_answers(model, probe_list, expected)
+    ours = answers_text(model, expected)
     same = sum(a == b for a, b in zip(ours, theirs, strict=True))
     entry = {
         "engine": f"llama.cpp ({binary.name})",
