@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--llama-cpp",
         metavar="DIR",
-        help="--format gguf: a llama.cpp build's bin folder (llama-mtmd-cli checks the export, llama-quantize "
+        help="--format gguf: a llama.cpp build's bin folder (llama-server checks the export, llama-quantize "
         "makes q4_k_m); default $MMPOST_LLAMA_CPP, else PATH",
     )
     p.set_defaults(func=cmd_export)

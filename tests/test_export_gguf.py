@@ -477,7 +477,7 @@ def test_mmpost_export_format_gguf_writes_checks_and_reports(llm_dir, clip_dir, 
     ]
     report = json.loads((tmp_path / "g" / "export_report.json").read_text())
     assert report["format"] == "gguf" and report["reload"]["greedy_agreement"] == "4/4"
-    assert report["engine"]["engine"] is None and "llama-mtmd-cli not found" in report["engine"]["not_run"]
+    assert report["engine"]["engine"] is None and "llama-server not found" in report["engine"]["not_run"]
     assert "not run by llama.cpp" in capsys.readouterr().out
     assert (
         main(["export", str(tmp_path / "model"), "--format", "gguf", "--quantize", "q5", "--out", str(tmp_path / "x")])

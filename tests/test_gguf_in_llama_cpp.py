@@ -1,6 +1,6 @@
 """Opt-in (``-m slow``): the demo's sft model exported to GGUF and answered by llama.cpp itself.
 
-llama.cpp's tools come from ``$MMPOST_LLAMA_CPP`` (a build's bin folder) or are built from source by
+llama.cpp's tools (``llama-server``) come from ``$MMPOST_LLAMA_CPP`` (a build's bin folder) or are built from source by
 ``tools/build_llama_cpp.py`` (some minutes on 2 cores; the build is kept in ~/.cache/mmpost for later runs). The f16
 export must answer the probes with the source's greedy tokens; the q8_0 export's held-out accuracy on 100 demo
 questions must be within 2 points of the source model's on the same questions."""
@@ -22,7 +22,7 @@ from mmpost.config.schema import DataSourceConfig
 from mmpost.data.loader import read_source
 from mmpost.data.pipeline import PromptPipeline
 from mmpost.export import export, read_report
-from mmpost.export.llama_cpp_check import LLAMA_CPP_ENV, MTMD_CLI, LlamaCpp, find_tool
+from mmpost.export.llama_cpp_check import LLAMA_CPP_ENV, SERVER, LlamaServer, find_tool
 from mmpost.model.build import load_lmm
 from mmpost.model.format import resolve_model_dir
 
@@ -34,7 +34,7 @@ NEW_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def llama_cpp_bin() -> Path:
-    binary = find_tool(MTMD_CLI)
+    binary = find_tool(SERVER)
     if binary is not None:
         return binary.parent
     sys.path.insert(0, str(ROOT / "tools"))
@@ -82,14 +82,16 @@ def test_the_demo_model_answers_alike_in_llama_cpp(demo_sft, llama_cpp_bin, tmp_
     model = load_lmm(resolve_model_dir(run)).eval()
     ours = source_answers(model, [replace(s, messages=s.messages[:-1]) for s in samples])
     files = read_report(q8)["gguf"]["files"]
-    engine = LlamaCpp(llama_cpp_bin / MTMD_CLI, q8 / files["model"], q8 / files["mmproj"], NEW_TOKENS)
     theirs = []
-    for i, sample in enumerate(samples):
-        image = tmp_path / f"q-{i}.png"
-        ref = sample.media["image"][0]
-        (Image.open(io.BytesIO(ref)) if isinstance(ref, bytes) else Image.open(ref)).convert("RGB").save(image)
-        question = sample.messages[0]["content"].replace("<image>\n", "")
-        theirs.append(engine.answer(image, question))
+    with LlamaServer(llama_cpp_bin / SERVER, q8 / files["model"], q8 / files["mmproj"]) as server:
+        for sample in samples:
+            ref = sample.media["image"][0]
+            image = Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref).convert("RGB")
+            png = io.BytesIO()
+            image.save(png, format="PNG")
+            question = sample.messages[0]["content"].replace("<image>\n", "")
+            tokens = server.answer(png.getvalue(), question, NEW_TOKENS)
+            theirs.append(model.tokenizer.decode(tokens, skip_special_tokens=True).strip())
     reference = [s.meta["answer"] for s in samples]
     ours_right = sum(completion_answers(a, r) for a, r in zip(ours, reference, strict=True)) / len(samples)
     theirs_right = sum(completion_answers(a, r) for a, r in zip(theirs, reference, strict=True)) / len(samples)

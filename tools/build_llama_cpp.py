@@ -1,4 +1,4 @@
-"""Builds llama.cpp's ``llama-mtmd-cli`` and ``llama-quantize`` from source, for checking GGUF exports.
+"""Builds llama.cpp's ``llama-server`` and ``llama-quantize`` from source, for checking GGUF exports.
 
     python tools/build_llama_cpp.py [--source DIR] [--out DIR] [--jobs N]
 
@@ -18,7 +18,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-TOOLS = ("llama-mtmd-cli", "llama-quantize")
+TOOLS = ("llama-server", "llama-quantize")
 DEFAULT_OUT = Path.home() / ".cache" / "mmpost" / "llama.cpp"
 
 
@@ -45,7 +45,7 @@ def build(source: Path | None = None, out: Path = DEFAULT_OUT, jobs: int | None 
     configure = [
         *("cmake", "-S", str(source), "-B", str(out / "build"), "-DCMAKE_BUILD_TYPE=Release"),
         *("-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF"),
-        *("-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"),
+        *("-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"),
     ]
     subprocess.run(configure, check=True)
     jobs = jobs or os.cpu_count() or 1

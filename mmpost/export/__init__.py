@@ -7,7 +7,7 @@
 
 - ``gguf``: llama.cpp's two files, the LLM (``model-<quant>.gguf``) and the tower with its projector
   (``mmproj-f16.gguf``), for LLaVA-style models (``mmpost.export.gguf_llm``); written from the checked LLaVA
-  layout, read back, and answered by llama.cpp's ``llama-mtmd-cli`` on the probes where its tools are found
+  layout, read back, and answered by llama.cpp's ``llama-server`` on the probes where its tools are found
   (``mmpost.export.llama_cpp_check``). ``quantize`` is then ``f16`` (default), ``q8_0`` or ``q4_k_m``.
 
 With ``quantize`` (formats ``mmpost`` and ``hf``), the quantize pass (``mmpost.quant``) runs first and the LLM
@@ -55,7 +55,7 @@ def export(
             exports the weights as they are.
         calib: calibration data for gptq (a data source, a .json / .jsonl file, shards, or a run config whose
             training data to use); by default the training data of the run ``model`` names.
-        llama_cpp: for ``gguf``, a llama.cpp build's bin folder (``llama-mtmd-cli``, ``llama-quantize``); by
+        llama_cpp: for ``gguf``, a llama.cpp build's bin folder (``llama-server``, ``llama-quantize``); by
             default ``$MMPOST_LLAMA_CPP``, else ``PATH``.
 
     Raises:

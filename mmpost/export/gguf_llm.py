@@ -1,4 +1,4 @@
-"""GGUF export for llama.cpp's multimodal runtime (libmtmd, ``llama-mtmd-cli``): the LLM file and the ``mmproj`` file.
+"""GGUF export for llama.cpp's multimodal runtime (libmtmd; ``llama-server``): the LLM file and the ``mmproj`` file.
 
 The input is the transformers LLaVA directory ``mmpost.families.llava`` writes; ``write_gguf`` turns it into
 ``model-<quant>.gguf`` (the LLM, llama.cpp architecture ``llama`` or ``qwen2``) and ``mmproj-f16.gguf`` (the CLIP /
