@@ -7,11 +7,11 @@ connectors from their specs (a saved model's ``mmpost.json``, or the run config'
   ``ddp`` and DeepSpeed ZeRO-2, divided by the processes under ``fsdp2`` and ZeRO-3;
 - gradients of what trains, float32; divided under ``fsdp2`` and ZeRO-2/3;
 - optimizer state: AdamW's two float32 moments (and one step count per tensor); divided under sharding;
-- a frozen reference (dpo, grpo with ``beta`` > 0, unless it is the policy with fresh LoRA adapters off) or a
+- a frozen reference (dpo, grpo and rloo with ``beta`` > 0, unless it is the policy with fresh LoRA adapters off) or a
   teacher (distill), sharded like the policy;
 - under ``fsdp2`` the root unit (embeddings, head, encoders, connectors) and two decoder layers gathered at once;
 - activations of one micro-batch of ``train.batch_size`` sequences of ``data.max_length`` tokens (two rows per
-  pair in dpo, ``group_size`` per prompt in grpo): 34 · tokens · hidden bytes per decoder layer in 16 bits
+  pair in dpo, ``group_size`` per prompt in grpo and rloo): 34 · tokens · hidden bytes per decoder layer in 16 bits
   (Korthikanti et al. 2022, attention scores not stored: SDPA / flash attention), twice that in float32; with
   gradient checkpointing the layer inputs (2 · tokens · hidden bytes each) plus one layer's; plus the float32
   logits at the label positions (all tokens, an upper bound) and their gradient.
@@ -191,7 +191,9 @@ def frozen_copy(cfg: RunConfig, s: Shapes, trained: int) -> int:
         teacher = type(cfg)(stage=stage, from_=stage.teacher)
         t = shapes(teacher)
         return t.llm + t.encoders + t.connectors
-    needs_reference = (stage.name == "dpo" and stage.needs_reference) or (stage.name == "grpo" and stage.beta > 0)
+    needs_reference = (stage.name == "dpo" and stage.needs_reference) or (
+        stage.name in ("grpo", "rloo") and stage.beta > 0
+    )
     fresh_adapters = cfg.model.lora.r > 0 and trained == s.lora  # added in this stage: the policy, adapters off
     if not needs_reference or fresh_adapters:
         return 0

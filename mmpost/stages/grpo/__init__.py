@@ -1,1 +1,1 @@
-"""GRPO: the stage (``stage.py``) and its rollouts (``rollout.py``)."""
+"""GRPO: the stage (``stage.py``), its rollouts (``rollout.py``) and its advantages and loss (``objective.py``)."""

@@ -9,6 +9,8 @@ in the loss forward too (``media_repeat=G``).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,9 @@ from mmpost.model.completions import completion_mask, eos_token_ids
 from mmpost.model.lmm import LMM
 from mmpost.rewards import RewardSet
 
+# (rewards [P*G], G) -> (advantages [P*G], zero_variance [P]), as ``mmpost.losses.grpo.group_advantages``
+AdvantageFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
 
 @dataclass
 class Rollout:
@@ -30,7 +35,7 @@ class Rollout:
         attention_mask: ``[P*G, T_p + L]`` 1 on prompt and completion tokens (through the end-of-sequence token).
         labels: ``[P*G, T_p + L]`` completion tokens, ``IGNORE`` elsewhere.
         media: the prompts' media, once per prompt.
-        advantages: ``[P*G]`` group-normalised advantages.
+        advantages: ``[P*G]`` advantages (group-normalised for GRPO).
         rewards: ``[P*G]`` weighted reward totals; ``per_function``: each reward function's raw values.
         lengths: ``[P*G]`` completion lengths in tokens; ``zero_variance``: ``[P]`` groups with equal rewards.
         texts: the decoded completions.
@@ -105,9 +110,15 @@ def sample(
 
 @torch.no_grad()
 def score(
-    model: LMM, batch: PromptBatch, completions: torch.Tensor, rewards: RewardSet, group_size: int, scale_rewards: bool
+    model: LMM,
+    batch: PromptBatch,
+    completions: torch.Tensor,
+    rewards: RewardSet,
+    group_size: int,
+    advantages: AdvantageFn,
 ) -> Rollout:
-    """The training rows of ``batch``'s prompts and their sampled ``completions`` (``[P*G, L]``), scored."""
+    """The training rows of ``batch``'s prompts and their sampled ``completions`` (``[P*G, L]``), scored, with the
+    ``advantages`` of their rewards."""
     ids, mask = batch.input_ids, batch.attention_mask
     done = completion_mask(completions, eos_token_ids(model))  # [P*G, L]
     texts = [
@@ -116,7 +127,7 @@ def score(
     fields = [f for f in batch.fields for _ in range(group_size)]
     total, per_function = rewards(texts, fields)
     total = total.to(ids.device)
-    advantages, zero_variance = group_advantages(total, group_size, scale=scale_rewards)
+    advantage, zero_variance = advantages(total, group_size)
     prompt_ids = ids.repeat_interleave(group_size, dim=0)
     prompt_mask = mask.repeat_interleave(group_size, dim=0)
     prompt_labels = torch.full_like(prompt_ids, IGNORE)
@@ -127,7 +138,7 @@ def score(
         attention_mask=torch.cat([prompt_mask, done.long()], 1),
         labels=torch.cat([prompt_labels, completion_labels], 1),
         media=batch.media,
-        advantages=advantages,
+        advantages=advantage,
         rewards=total,
         per_function=per_function,
         lengths=done.sum(-1),
@@ -147,7 +158,8 @@ def sample_and_score(
     share_prefill: bool,
     scale_rewards: bool,
 ) -> Rollout:
-    """Samples ``group_size`` completions per prompt of ``batch``, scores them and returns the training rows."""
+    """Samples ``group_size`` completions per prompt of ``batch``, scores them and returns the training rows, with
+    GRPO's group-normalised advantages."""
     completions = sample(
         model,
         batch.input_ids,
@@ -159,4 +171,5 @@ def sample_and_score(
         top_p,
         share_prefill,
     )
-    return score(model, batch, completions, rewards, group_size, scale_rewards)
+    advantages = functools.partial(group_advantages, scale=scale_rewards)
+    return score(model, batch, completions, rewards, group_size, advantages)

@@ -8,6 +8,9 @@ functions (``mmpost.rewards``), normalises the rewards within each group into ad
 k3 KL to the reference (β > 0; β = 0 loads no reference). The log-probs the samples were drawn with are
 recomputed once before the first inner step when μ > 1 (with μ = 1 the ratio is 1 by construction).
 
+The stage is parametric in its ``Objective`` (``objective.py``: how rewards become advantages and the loss they
+feed); ``mmpost.stages.rloo`` is this stage with RLOO's objective and options.
+
 Departures from the papers, on purpose: no DAPO dynamic sampling (zero-variance groups are counted and,
 with ``filter_zero_variance``, left out of the loss and its normaliser instead of re-sampled) and no
 overlong-reward shaping; completions cut at ``max_completion_length`` are scored as they are.
@@ -33,12 +36,11 @@ from mmpost.data.batches import PromptBatch
 from mmpost.data.loader import read_source
 from mmpost.data.pipeline import PromptPipeline
 from mmpost.data.sample import DataError, Sample
-from mmpost.interfaces import IGNORE
 from mmpost.losses.ce import label_logprobs
-from mmpost.losses.grpo import policy_loss
 from mmpost.model.lmm import LMM
 from mmpost.rewards import RewardSet
 from mmpost.stages.grpo import rollout as sampling
+from mmpost.stages.grpo.objective import GroupRelative
 from mmpost.stages.grpo.rollout import Rollout
 from mmpost.stages.reference import Reference, make_reference
 from mmpost.training.context import build_model, start_run
@@ -100,19 +102,14 @@ class GRPO:
     """Group-relative policy optimisation of connectors and LLM (or LoRA adapters) on prompts with answers."""
 
     Options = GRPOOptions
+    Objective = GroupRelative  # advantages and loss (``objective.Objective``), built from the options
     trains = ("llm",)  # the LoRA adapters when the model has them
 
     def __init__(self, options: GRPOOptions) -> None:
         self.options = options
         # resolved now, so a reward path that does not import fails before any model loads
         self.rewards = RewardSet(options.rewards or [{"name": "accuracy", "weight": 1.0}])
-        self.loss_options = dict(
-            epsilon_low=options.epsilon_low,
-            epsilon_high=options.epsilon_high,
-            beta=options.beta,
-            aggregation=options.aggregation,
-            max_completion_length=options.max_completion_length,
-        )
+        self.objective = self.Objective(options)
 
     def run(self, cfg: RunConfig, resume: bool = False, allow_changes: bool = False) -> dict[str, Any]:
         samples = read_source(cfg.data.train, "data.train")
@@ -159,7 +156,7 @@ class GRPO:
             completions = [sampling.sample(model, b.input_ids, b.attention_mask, b.media, *options) for b in micro]
         out = []
         for batch, done, real in zip(micro, completions, counted, strict=True):
-            rollout = sampling.score(model, batch, done, self.rewards, o.group_size, o.scale_rewards)
+            rollout = sampling.score(model, batch, done, self.rewards, o.group_size, self.objective.advantages)
             rollout.counted = real
             out.append(rollout)
         return out
@@ -175,23 +172,22 @@ class GRPO:
         acc, g, o = training.accelerator, self.options.group_size, self.options
         masks = []
         for r in rollouts:
-            mask = r.labels[:, 1:] != IGNORE  # [P*G, T-1]
-            if o.filter_zero_variance:
-                mask &= ~r.zero_variance.repeat_interleave(g).unsqueeze(-1)
+            mask = self.objective.loss_mask(r)  # [P*G, T-1]
             masks.append(mask if r.counted else torch.zeros_like(mask))
         # normalisers of the whole generation batch: sequences on this process (DDP averages processes), and
         # tokens over every process divided by their number (the same per-process scale for DAPO)
         sequences = sum(int(m.any(-1).sum()) for m in masks)
-        tokens = acc.reduce(torch.tensor(float(sum(int(m.sum()) for m in masks)), device=acc.device), "sum")
-        norm = dict(num_sequences=max(sequences, 1), num_tokens=max(float(tokens) / acc.num_processes, 1.0))
+        local = [float(sum(int(m.sum()) for m in masks)), float(sequences)]
+        counts = acc.reduce(torch.tensor(local, dtype=torch.float64, device=acc.device), "sum")  # tokens, sequences
+        norm = dict(num_sequences=max(sequences, 1), num_tokens=max(float(counts[0]) / acc.num_processes, 1.0))
         if not active:  # no process has a prompt left to learn from: no update, as in supervised steps
             for _ in range(o.iterations):
                 optimizer_step(training, [], None, 1.0, update=False)
-            return self.step_metrics([], torch.zeros(3, dtype=torch.float64, device=acc.device), tokens, acc)
+            return self.step_metrics([], torch.zeros(3, dtype=torch.float64, device=acc.device), counts, acc)
         old, ref = [None] * len(rollouts), [None] * len(rollouts)
         with torch.no_grad():
             for i, r in enumerate(rollouts):
-                if o.iterations > 1:
+                if o.iterations > 1 or self.objective.needs_old_logps:
                     old[i] = self.logprobs(training.model, r)
                 if reference is not None:
                     ref[i] = reference.token_logprobs(
@@ -204,13 +200,16 @@ class GRPO:
                         temperature=o.temperature,
                         share_prompt=o.share_prompt,
                     )
-        items = list(zip(rollouts, masks, old, ref, strict=True))
+        prepared = self.objective.prepare(rollouts, masks, old, ref, acc)
+        # with μ = 1 the ratio is 1 by construction: the loss takes the policy's own detached log-probs
+        items = list(zip(rollouts, masks, old if o.iterations > 1 else [None] * len(rollouts), ref, strict=True))
         loss = functools.partial(self.item_loss, norm=norm)
         # μ updates on the same samples; the figures are the first's (the policy the samples were drawn from)
         sums = [optimizer_step(training, items, loss, 1.0, [r.counted for r in rollouts]) for _ in range(o.iterations)]
+        figures = sums[0].stats | prepared
         zero = torch.zeros((), dtype=torch.float64, device=acc.device)
-        totals = torch.stack([sums[0].loss_sum, sums[0].stats.get("kl", zero), sums[0].stats.get("clip", zero)])
-        return self.step_metrics([r for r in rollouts if r.counted], totals, tokens, acc)
+        totals = torch.stack([sums[0].loss_sum, figures.get("kl", zero), figures.get("clip", zero)])
+        return self.step_metrics([r for r in rollouts if r.counted], totals, counts, acc)
 
     def logprobs(self, model: torch.nn.Module, r: Rollout) -> torch.Tensor:
         """``[P*G, T-1]`` completion-token log-probs under ``model`` at the sampling temperature."""
@@ -219,26 +218,19 @@ class GRPO:
         return label_logprobs(out.logits, out.targets, out.kept, o.temperature)
 
     def item_loss(self, model: torch.nn.Module, item: tuple, norm: dict[str, float]) -> BatchLoss:
-        """The clipped-ratio loss of one rollout, already normalised by the whole generation batch (``norm``);
-        KL and clip fraction weighted by its completion tokens."""
+        """The objective's loss of one rollout, already normalised by the whole generation batch (``norm``)."""
         r, mask, old, ref = item
         logps = self.logprobs(model, r)  # [P*G, T-1]
-        out = policy_loss(
-            logps,
-            logps.detach() if old is None else old,
-            r.advantages,
-            mask.float(),
-            ref_logps=ref,
-            **self.loss_options,
-            **norm,
-        )
-        weight = float(mask.sum())
-        figures = {"kl": float(out.kl) * weight, "clip": float(out.clip_fraction) * weight}
-        stats = {k: torch.tensor(v, dtype=torch.float64, device=out.loss.device) for k, v in figures.items()}
-        return BatchLoss(out.loss, int(weight), stats)
+        return self.objective.loss(logps, logps.detach() if old is None else old, r, mask, ref, norm)
 
-    def step_metrics(self, rollouts: list[Rollout], sums: torch.Tensor, tokens, acc) -> dict[str, float]:
-        """Loss, rewards, lengths, KL, clipping and zero-variance groups of a step, over every process."""
+    def step_metrics(self, rollouts: list[Rollout], sums: torch.Tensor, counts, acc) -> dict[str, float]:
+        """Loss, rewards, lengths, KL, clipping and zero-variance groups of a step, over every process.
+
+        Args:
+            sums: this process's summed loss, KL and clip figures (float64 ``[3]``).
+            counts: completion tokens and sequences of the step over every process (float64 ``[2]``); KL and clip
+                fraction are means over the objective's ``per``.
+        """
         names = self.rewards.names
         local = [
             torch.cat([r.rewards.float().cpu(), *(r.per_function[n].float().cpu() for n in names)]).view(
@@ -252,10 +244,11 @@ class GRPO:
         gathered = acc.gather_for_metrics(torch.cat([values, lengths[None]], 0).T.contiguous().to(acc.device)).T
         zero = acc.gather_for_metrics(zero.to(acc.device))
         sums = acc.reduce(sums, "sum")
+        units = max(float(counts[0 if self.objective.per == "tokens" else 1]), 1.0)
         record = {
             "loss": float(sums[0]) / acc.num_processes,
-            "kl": float(sums[1]) / max(float(tokens), 1.0),
-            "clip_fraction": float(sums[2]) / max(float(tokens), 1.0),
+            "kl": float(sums[1]) / units,
+            "clip_fraction": float(sums[2]) / units,
             "reward/mean": float(gathered[0].mean()),
             "reward/std": float(gathered[0].std()) if gathered.shape[1] > 1 else 0.0,
             "completion_length": float(gathered[-1].mean()),
