@@ -128,3 +128,18 @@ def after_sft(run_config, tmp_path, synth_dir):
         )
 
     return write
+
+
+@pytest.fixture(scope="session")
+def demo_sft(tmp_path_factory) -> Path:
+    """The demo's align + sft chain (``mmpost demo``), once per session, for the opt-in checks that need a trained
+    model; ``MMPOST_DEMO_OUT`` names a finished demo folder to use instead."""
+    import os
+
+    from mmpost.demo import run_demo
+
+    if os.environ.get("MMPOST_DEMO_OUT"):
+        return Path(os.environ["MMPOST_DEMO_OUT"])
+    out = tmp_path_factory.mktemp("demo")
+    run_demo(out, stages="sft")
+    return out

@@ -43,15 +43,6 @@ def llama_cpp_bin() -> Path:
     return build()
 
 
-@pytest.fixture(scope="module")
-def demo_sft(tmp_path_factory) -> Path:
-    from mmpost.demo import run_demo
-
-    out = tmp_path_factory.mktemp("demo")
-    run_demo(out, stages="sft")
-    return out
-
-
 def source_answers(model, samples) -> list[str]:
     pipeline = PromptPipeline.for_model(model, max_length=1 << 30)
     answers = []
@@ -91,6 +82,8 @@ def test_the_demo_model_answers_alike_in_llama_cpp(demo_sft, llama_cpp_bin, tmp_
             image.save(png, format="PNG")
             question = sample.messages[0]["content"].replace("<image>\n", "")
             tokens = server.answer(png.getvalue(), question, NEW_TOKENS)
+            eos = model.tokenizer.eos_token_id
+            tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
             theirs.append(model.tokenizer.decode(tokens, skip_special_tokens=True).strip())
     reference = [s.meta["answer"] for s in samples]
     ours_right = sum(completion_answers(a, r) for a, r in zip(ours, reference, strict=True)) / len(samples)

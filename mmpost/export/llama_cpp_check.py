@@ -103,7 +103,7 @@ class LlamaServer:
             raise ExportError(f"llama.cpp's server failed on {path}: {e}; {self.tail()}") from e
 
     def answer(self, png: bytes, question: str, max_tokens: int) -> list[int]:
-        """The greedy answer's token ids (without the end-of-generation token) to ``question`` about the image."""
+        """The greedy answer's token ids (an end-of-generation token included) to ``question`` about the image."""
         turn = {"role": "user", "content": f"{self.marker}\n{question}"}
         prompt = self.post("/apply-template", {"messages": [turn]})["prompt"]
         data = {"prompt_string": prompt, "multimodal_data": [base64.b64encode(png).decode()]}
@@ -132,17 +132,18 @@ def check_in_llama_cpp(
     from mmpost.export.check import PROBE_NEW_TOKENS
 
     files = written["files"]
-    ours = []
-    for _, tokens in expected:
-        ids = tokens[0].tolist()
-        eos = model.tokenizer.eos_token_id
-        ours.append(ids[: ids.index(eos)] if eos in ids else ids)
+    eos = model.tokenizer.eos_token_id
+
+    def until_eos(ids: list[int]) -> list[int]:  # both sides' answers end before the end-of-sequence token
+        return ids[: ids.index(eos)] if eos in ids else ids
+
+    ours = [until_eos(tokens[0].tolist()) for _, tokens in expected]
     theirs = []
     with LlamaServer(binary, out / files["model"], out / files["mmproj"]) as server:
         for probe in probe_list:
             png = io.BytesIO()
             probe.image.save(png, format="PNG")
-            theirs.append(server.answer(png.getvalue(), probe.prompt, PROBE_NEW_TOKENS))
+            theirs.append(until_eos(server.answer(png.getvalue(), probe.prompt, PROBE_NEW_TOKENS)))
     same = sum(a == b for a, b in zip(ours, theirs, strict=True))
     decode = model.tokenizer.decode
     entry = {
