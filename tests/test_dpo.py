@@ -128,11 +128,15 @@ def test_precomputed_reference_gives_the_same_run(dpo_config, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_dpo_resume_continues_the_same_loss_curve(dpo_config, tmp_path, monkeypatch, lora):
+@pytest.mark.parametrize("lora, loss_type", [(False, "sigmoid"), (True, "sigmoid"), (True, "kto"), (False, "orpo")])
+def test_dpo_resume_continues_the_same_loss_curve(dpo_config, tmp_path, monkeypatch, synth_dir, lora, loss_type):
     model = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}} if lora else {}
     train = {"max_steps": 10, "save_every": 4}
-    assert main(["train", str(dpo_config("straight", train=train, model=model))]) == 0
+    sections = {"stage": {"loss_type": loss_type}, "train": train, "model": model}
+    if loss_type == "kto":
+        images = str(synth_dir / "images")
+        sections["data"] = {"train": {"path": str(synth_dir / "unpaired.json"), "image_root": images}}
+    assert main(["train", str(dpo_config("straight", **sections))]) == 0
     original = mmpost.training.loop.save_checkpoint
 
     def crash_after_step_8(*args, **kwargs):
@@ -141,7 +145,7 @@ def test_dpo_resume_continues_the_same_loss_curve(dpo_config, tmp_path, monkeypa
             raise KeyboardInterrupt("simulated crash")
         return path
 
-    cfg = dpo_config("interrupted", train=train, model=model)
+    cfg = dpo_config("interrupted", **sections)
     monkeypatch.setattr(mmpost.training.loop, "save_checkpoint", crash_after_step_8)
     with pytest.raises(KeyboardInterrupt):
         main(["train", str(cfg)])
@@ -175,3 +179,31 @@ def test_a_pair_without_rejected_fails_before_loading_a_model(dpo_config, tmp_pa
     assert main(["train", str(cfg)]) != 0
     err = capsys.readouterr().err
     assert "pair-000005" in err and "'rejected'" in err
+
+
+def test_kto_on_two_processes_matches_one_with_the_same_global_batch(dpo_config, tmp_path, synth_dir):
+    """KTO's KL baseline is the mean over every process's mismatched rows, as one process holding them all takes."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import torchrun
+
+    # every example desirable: the policy raises answers of this form, the mismatched ones too, so the baseline is
+    # above 0 and not clamped away
+    records = [r | {"label": True} for r in json.loads((synth_dir / "unpaired.json").read_text())]
+    (tmp_path / "desirable.json").write_text(json.dumps(records))
+    data = {"train": {"path": str(tmp_path / "desirable.json"), "image_root": str(synth_dir / "images")}, "eval": None}
+    common = {"max_steps": 4, "lr": 2e-3, "log_every": 1}
+    stage = {"loss_type": "kto", "beta": 1.0, "precompute_reference": False}
+    one = dpo_config("one", stage=stage, data=data, train={**common, "batch_size": 4})
+    two = dpo_config("two", stage=stage, data=data, train={**common, "batch_size": 2})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "mmpost", "train", str(one)], check=True, env=env, capture_output=True)
+    result = subprocess.run(torchrun("train", str(two), port=29547), env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, double = train_lines(tmp_path / "one"), train_lines(tmp_path / "two")
+    assert len(single) == len(double) == 4
+    for a, b in zip(single, double, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["kl"] == pytest.approx(b["kl"], abs=1e-5)
+    assert single[-1]["kl"] != 0.0

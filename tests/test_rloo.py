@@ -47,14 +47,14 @@ def rloo_config(after_sft):
 
 @pytest.fixture
 def reward_module(tmp_path, monkeypatch):
-    (tmp_path / "toy_rewards.py").write_text(
+    (tmp_path / "rloo_toy_rewards.py").write_text(
         "def brevity(completion, **fields):\n"
         "    return -float(len(completion.split()))\n"
         "def varied(completion, **fields):\n"
         "    return float(len(completion) % 3)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    return "toy_rewards"
+    return "rloo_toy_rewards"  # not grpo's module name: one module per name in a test session
 
 
 def completion_logps(model: mmpost.LMM, r, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
