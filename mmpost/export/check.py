@@ -98,16 +98,15 @@ def outputs(model: LMM, probe_list: list[Probe]) -> list[tuple[torch.Tensor, tor
     return [(model(*p.args()).dense(), model.generate(*p.args(), PROBE_NEW_TOKENS)) for p in probe_list]
 
 
-def answers_text(model: LMM, expected: list, strip: bool = True) -> list[str]:
-    """The greedy answers of ``outputs`` as text, up to the end of sequence, special tokens dropped, ``strip``-ped
-    of surrounding whitespace."""
+def answers_text(model: LMM, expected: list) -> list[str]:
+    """The greedy answers of ``outputs`` as text, up to the end of sequence, special tokens and surrounding
+    whitespace dropped."""
     tokenizer, texts = model.tokenizer, []
     for _, tokens in expected:
         ids = tokens[0].tolist()
         if tokenizer.eos_token_id in ids:
             ids = ids[: ids.index(tokenizer.eos_token_id)]
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        texts.append(text.strip() if strip else text)
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
     return texts
 
 

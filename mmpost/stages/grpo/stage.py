@@ -53,7 +53,27 @@ log = logging.getLogger("mmpost")
 
 
 @dataclass
-class GRPOOptions:
+class SamplingOptions:
+    """The options of the stages that sample completions and score them (grpo, rloo); each stage's options class
+    documents them with its own."""
+
+    rewards: list[dict[str, Any]] | None = None
+    group_size: int = ranged(8, ge=2)
+    temperature: float = ranged(1.0, gt=0)
+    top_p: float = ranged(1.0, gt=0, le=1)
+    max_completion_length: int = ranged(32, ge=1)
+    iterations: int = ranged(1, ge=1)
+    epsilon_low: float = ranged(0.2, ge=0)
+    epsilon_high: float = ranged(0.2, ge=0)
+    share_prefill: bool = True
+    share_prompt: bool = True
+
+    def __post_init__(self) -> None:
+        check_values(self, "stage")
+
+
+@dataclass
+class GRPOOptions(SamplingOptions):
     """``stage: {name: grpo, ...}``.
 
     Attributes:
@@ -79,23 +99,10 @@ class GRPOOptions:
     """
 
     name: Literal["grpo"] = "grpo"
-    rewards: list[dict[str, Any]] | None = None
-    group_size: int = ranged(8, ge=2)
-    temperature: float = ranged(1.0, gt=0)
-    top_p: float = ranged(1.0, gt=0, le=1)
-    max_completion_length: int = ranged(32, ge=1)
-    iterations: int = ranged(1, ge=1)
-    epsilon_low: float = ranged(0.2, ge=0)
-    epsilon_high: float = ranged(0.2, ge=0)
     beta: float = ranged(0.0, ge=0)
     aggregation: Literal["grpo", "dapo", "dr_grpo"] = "grpo"
     scale_rewards: bool = True
     filter_zero_variance: bool = False
-    share_prefill: bool = True
-    share_prompt: bool = True
-
-    def __post_init__(self) -> None:
-        check_values(self, "stage")
 
 
 class GRPO:

@@ -23,22 +23,22 @@ to rounding (the advantages of a group sum to 0); its gradient is not.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
-from mmpost.config.fields import check_values, ranged
+from mmpost.config.fields import ranged
 from mmpost.interfaces import IGNORE
 from mmpost.losses.rloo import rloo_advantages, rloo_loss, sequence_kl
 from mmpost.stages.grpo.rollout import Rollout
-from mmpost.stages.grpo.stage import GRPO
+from mmpost.stages.grpo.stage import GRPO, SamplingOptions
 from mmpost.training.step import BatchLoss
 
 NORMALIZE_EPS = 1e-4  # TRL's, added to the batch std
 
 
 @dataclass
-class RLOOOptions:
+class RLOOOptions(SamplingOptions):
     """``stage: {name: rloo, ...}``.
 
     Attributes:
@@ -63,21 +63,8 @@ class RLOOOptions:
     """
 
     name: Literal["rloo"] = "rloo"
-    rewards: list[dict[str, Any]] | None = None
-    group_size: int = ranged(8, ge=2)
-    temperature: float = ranged(1.0, gt=0)
-    top_p: float = ranged(1.0, gt=0, le=1)
-    max_completion_length: int = ranged(32, ge=1)
-    iterations: int = ranged(1, ge=1)
-    epsilon_low: float = ranged(0.2, ge=0)
-    epsilon_high: float = ranged(0.2, ge=0)
     beta: float = ranged(0.05, ge=0)
     normalize_advantages: bool = False
-    share_prefill: bool = True
-    share_prompt: bool = True
-
-    def __post_init__(self) -> None:
-        check_values(self, "stage")
 
 
 class LeaveOneOut:
