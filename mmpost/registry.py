@@ -89,6 +89,8 @@ STAGES.add("sft", "mmpost.stages.sft:SFT")
 STAGES.add("dpo", "mmpost.stages.dpo.stage:DPO")
 STAGES.add("grpo", "mmpost.stages.grpo.stage:GRPO")
 STAGES.add("rloo", "mmpost.stages.rloo.stage:RLOO")
+STAGES.add("rm", "mmpost.stages.rm.stage:RewardModel")
+STAGES.add("ppo", "mmpost.stages.ppo.stage:PPO")
 STAGES.add("distill", "mmpost.stages.distill.stage:Distill")
 
 # Position schemes of decoders whose position ids are not 0, 1, 2, ... (``mmpost.model.positions.PositionScheme``).

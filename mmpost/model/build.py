@@ -14,6 +14,7 @@ from mmpost.checksums import verify_manifest
 from mmpost.config.schema import LoraConfig, ModelConfig
 from mmpost.interfaces import MediaText
 from mmpost.model.format import CONFIG_NAME, FORMAT_VERSION, PARTS_NAME, is_model_dir, names_damage, read_json
+from mmpost.model.heads import add_head
 from mmpost.model.lmm import LMM
 from mmpost.model.lora import add_lora, load_adapter
 
@@ -125,9 +126,11 @@ def load_lmm(path: str | Path, dtype: torch.dtype | None = None, verify: bool = 
         with names_damage(path / "llm" / "adapter", "the LoRA adapter"):
             model.llm = load_adapter(llm, path / "llm" / "adapter")
         model.lora_config = LoraConfig(**config["lora"])
+    for name in config.get("heads", {}):
+        add_head(model, name)
     with names_damage(path / PARTS_NAME, "the encoder and connector weights"):
         parts = load_file(str(path / PARTS_NAME))
-    for name, module in (("encoders", model.encoders), ("connectors", model.connectors)):
+    for name, module in (("encoders", model.encoders), ("connectors", model.connectors), ("heads", model.heads)):
         prefix = name + "."
         module.load_state_dict({k[len(prefix) :]: v for k, v in parts.items() if k.startswith(prefix)}, strict=True)
     return model

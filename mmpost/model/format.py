@@ -5,7 +5,8 @@ here; reading it is ``mmpost.model.build.load_lmm``).
 
     DIR/mmpost.json          names every part: encoder / connector registry names and their specs,
                              the LoRA config when adapters are kept unmerged
-    DIR/parts.safetensors    encoder and connector weights (``encoders.<modality>.*``, ``connectors.*``)
+    DIR/parts.safetensors    encoder, connector and scalar-head weights (``encoders.<modality>.*``, ``connectors.*``,
+                             ``heads.<name>.*``: ``mmpost.model.heads``)
     DIR/llm/                 the base LLM and tokenizer as transformers ``save_pretrained`` writes them;
                              a quantized LLM in the compressed-tensors format (``mmpost.quant``)
     DIR/llm/adapter/         peft LoRA adapter, when LoRA is kept unmerged
@@ -111,9 +112,12 @@ def save_lmm(model: torch.nn.Module, path: str | Path, merge_lora: bool = False)
         config["positions"] = model.positions.spec()
     if model.typed_chat:
         config["typed_chat"] = True
+    if len(model.heads):
+        config["heads"] = {name: {"dim": h.dim} for name, h in model.heads.items()}
     (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     parts = {f"encoders.{k}": v for k, v in model.encoders.state_dict().items()}
     parts |= {f"connectors.{k}": v for k, v in model.connectors.state_dict().items()}
+    parts |= {f"heads.{k}": v for k, v in model.heads.state_dict().items()}
     save_file({k: v.detach().contiguous().cpu() for k, v in parts.items()}, str(tmp / PARTS_NAME))
     base = model.base_llm
     if model.quantization is not None:

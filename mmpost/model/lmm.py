@@ -103,6 +103,7 @@ class LMM(nn.Module):
         self.lora_config = lora if lora is not None and lora.r > 0 else None
         self.encoders = nn.ModuleDict()
         self.connectors = nn.ModuleDict()
+        self.heads = nn.ModuleDict()  # scalar heads by name (``mmpost.model.heads``): a reward model's, PPO's value
         self.fusion_state = FusionState()  # media for fusion connectors' blocks during a forward
         self.quantization = None  # the LLM's scales once quantized (mmpost.model.quantized.QuantState)
         self._fusion_hooks: dict[str, list] = {}
@@ -332,6 +333,7 @@ class LMM(nn.Module):
         media_repeat: int = 1,
         share_prompt: bool = False,
         segments: torch.Tensor | None = None,
+        head: str | None = None,
     ) -> TokenLogits:
         """Next-token logits at the positions that predict a label token, or at every position without ``labels``.
 
@@ -342,21 +344,26 @@ class LMM(nn.Module):
                 (a pair's two answers, a prompt's G completions): the prompt passes the decoder once per group
                 (``mmpost.model.shared_prompt``); the result is the same.
             segments: packed rows, as in ``hidden_states`` (``data.packing``).
+            head: also return this head's values at every position (``TokenLogits.values``, ``[B, T]``); without
+                ``labels`` then no logits at all (a reward model's forward). Rows are computed whole.
 
         Every loss of every stage reads this one output (``mmpost.losses``: cross-entropy, label log-probs,
         distillation divergences), so a distributed wrapper (DDP) sees each loss's forward.
         """
-        if share_prompt and labels is not None and media_repeat > 1:
+        if share_prompt and labels is not None and media_repeat > 1 and head is None:
             shared = shared_logits(self, input_ids, attention_mask, media, labels, media_repeat)
             if shared is not None:
                 return shared
         hidden = self.hidden_states(input_ids, attention_mask, media, media_repeat, segments)
+        values = self.heads[head](hidden) if head is not None else None  # [B, T]
         if labels is None:
             kept = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)  # [B, T]
-            return TokenLogits(self.logits_from_hidden(hidden).flatten(0, 1), kept)
+            logits = None if head is not None else self.logits_from_hidden(hidden).flatten(0, 1)
+            return TokenLogits(logits, kept, values=values)
         targets = labels[:, 1:]  # position t predicts token t + 1
         kept = targets != IGNORE  # [B, T-1]
-        return TokenLogits(self.logits_from_hidden(hidden[:, :-1][kept]), kept, targets[kept])  # [N, V]
+        logits = self.logits_from_hidden(hidden[:, :-1][kept])  # [N, V]
+        return TokenLogits(logits, kept, targets[kept], values)
 
     def generate(
         self,

@@ -19,11 +19,14 @@ class TokenLogits:
         logits: ``[N, V]`` one row per kept position, row-major over the batch.
         kept: ``[B, P]`` bool, which positions the rows are (``P = T - 1`` with labels, ``T`` without).
         targets: ``[N]`` the label token each row predicts; None without labels.
+        values: ``[B, T]`` fp32 values of the head the forward was asked for (``mmpost.model.heads``), at every
+            position; None without one. A forward with a head and no labels computes no logits (None).
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     kept: torch.Tensor
     targets: torch.Tensor | None = None
+    values: torch.Tensor | None = None
 
     def dense(self) -> torch.Tensor:
         """``[B, P, V]`` logits of a forward without labels (every position kept)."""

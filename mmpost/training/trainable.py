@@ -25,15 +25,17 @@ def valid_parts(model: LMM) -> list[str]:
     names = ["connectors", "encoders", "llm", "llm.lora"]
     for modality in model.modalities:
         names += [f"connectors.{modality}", f"encoders.{modality}"]
+    if len(model.heads):
+        names += ["heads", *(f"heads.{name}" for name in model.heads)]
     return names
 
 
 def part_params(model: LMM, part: str) -> Iterator[tuple[str, nn.Parameter]]:
-    """Parameters of a named part (``connectors``, ``encoders.image``, ``llm``, ``llm.lora``)."""
+    """Parameters of a named part (``connectors``, ``encoders.image``, ``llm``, ``llm.lora``, ``heads.reward``)."""
     if part not in valid_parts(model):
         raise PartError(f"train.trainable: unknown part {part!r}; valid: {', '.join(valid_parts(model))}")
     head, _, modality = part.partition(".")
-    if head in ("connectors", "encoders"):
+    if head in ("connectors", "encoders", "heads"):
         modules = getattr(model, head)
         for m in [modality] if modality else list(modules):
             for name, p in modules[m].named_parameters():
@@ -82,6 +84,7 @@ def apply_trainable(model: LMM, parts: Sequence[str]) -> str:
         for modality, module in getattr(model, head).items():
             rows.append((f"{head}.{modality}", module))
     rows.append(("llm", model.llm))
+    rows += [(f"heads.{name}", module) for name, module in model.heads.items()]
     lines = [f"{'part':<22}{'trainable':>14}{'frozen':>14}"]
     for name, module in rows:
         n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)

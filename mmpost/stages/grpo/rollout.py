@@ -41,6 +41,7 @@ class Rollout:
         texts: the decoded completions.
         counted: False for a stand-in prompt (``mmpost.data.loader.StandIn``): its loss mask is zeroed and it is
             left out of the metrics.
+        prompt_width: ``T_p``, the column where the completions start.
     """
 
     input_ids: torch.Tensor
@@ -54,6 +55,7 @@ class Rollout:
     zero_variance: torch.Tensor
     texts: list[str]
     counted: bool = True
+    prompt_width: int = 0
 
 
 def merged_prompts(
@@ -144,6 +146,7 @@ def score(
         lengths=done.sum(-1),
         zero_variance=zero_variance,
         texts=texts,
+        prompt_width=ids.shape[1],
     )
 
 

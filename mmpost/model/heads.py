@@ -1,0 +1,55 @@
+"""Scalar heads on the LLM's last hidden state: a reward model's score (``reward``), PPO's value (``value``).
+
+A head is one linear map from the LLM's width to a number, at every position (TRL's reward and value models are
+the same: ``AutoModelForSequenceClassification`` with one label, a bias-free ``score`` layer). The LMM keeps its
+heads in ``LMM.heads`` by name; ``LMM.forward(..., head=name)`` returns their values beside the logits
+(``TokenLogits.values``); they train as the part ``heads`` (or ``heads.<name>``) and are saved with the encoders
+and connectors (``mmpost.model.format``). A model with a ``reward`` head is a reward model: ``mmpost.rewards``
+loads it as a reward function, and the score of a text is the head's value at its last token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+HEAD_NAMES = ("reward", "value")
+
+
+class ScalarHead(nn.Module):
+    """``[..., D] -> [..., 1]`` linear score of a hidden state, without bias (as TRL's ``score`` layer).
+
+    Initialised with std ``1 / sqrt(D + 1)``, the value TRL gives a fresh reward / value head (``layer_init``
+    with ``std=1/sqrt(hidden + 1)``), so the first scores are of order one whatever the width.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.score = nn.Linear(dim, 1, bias=False)
+        nn.init.normal_(self.score.weight, std=1.0 / (dim + 1) ** 0.5)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` values of ``[B, T, D]`` hidden states, as fp32 (they feed losses directly)."""
+        return self.score(hidden).squeeze(-1).float()
+
+
+def add_head(model, name: str) -> ScalarHead:
+    """Adds (or returns the existing) head ``name`` of ``model``, an ``LMM``, on its LLM's width and device.
+
+    Raises:
+        ValueError: for a name not in ``HEAD_NAMES``.
+    """
+    if name not in HEAD_NAMES:
+        raise ValueError(f"unknown head {name!r}; valid: {', '.join(HEAD_NAMES)}")
+    if name not in model.heads:
+        weight = model.base_llm.get_input_embeddings().weight
+        model.heads[name] = ScalarHead(model.hidden_size).to(weight.device)
+    return model.heads[name]
+
+
+def last_token_scores(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` each row's value at its last attended token (left- or right-padded rows), from ``[B, T]`` values."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (positions * attention_mask.bool()).amax(dim=1)  # [B]
+    return values[torch.arange(values.shape[0], device=values.device), last]
