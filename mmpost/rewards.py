@@ -20,6 +20,20 @@ Built-in names are exact keys of ``REWARDS``; anything else must be a dotted pat
 ``mypkg.rewards:brevity``). Every function is resolved when the ``RewardSet`` is built, so a misspelt name fails
 at start, before any model is loaded.
 
+A trained reward model is the built-in ``model``, with the ``path`` of a run directory or a saved model that has a
+``reward`` head (``stage: rm`` trains one; ``mmpost.reward_model``)::
+
+    rewards:
+      - {name: model, path: runs/rm, weight: 1.0, kwargs: {batch_size: 16}}
+      - {name: format, weight: 0.2}
+
+It scores the policy's token rows rather than the decoded text: the head's value at each row's last token (the
+end-of-sequence token when the completion has one), ``batch_size`` rows a forward (default 32, whole prompt
+groups). The directory is checked when the set is built; the model is loaded by ``RewardSet.bind`` once the policy
+is: frozen (no gradients, eval mode), on the policy's device, in its dtype. Since it reads the policy's token ids
+as they are, its tokenizer must be the policy's (the same vocabulary), else ``bind`` refuses it. ``path`` belongs
+to ``model`` only, and only one ``model`` reward may be listed.
+
 Departure from the R1-style recipe: ``accuracy`` is exact match after light normalisation (``mmpost.answers``:
 numbers compared as numbers, text case-insensitively), with no symbolic equivalence: ``1/2`` and ``0.5`` do not
 match.
@@ -31,14 +45,19 @@ import difflib
 import importlib
 import math
 import numbers
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mmpost.answers import answer_span, completion_answers
+
+if TYPE_CHECKING:
+    from mmpost.model.lmm import LMM
+    from mmpost.reward_model import ModelReward, RewardRows
 
 RewardFn = Callable[..., Any]
 
@@ -92,15 +111,19 @@ def format_reward(completion: str, **fields: Any) -> float:
 
 
 REWARDS: dict[str, RewardFn] = {"accuracy": accuracy, "format": format_reward}
+MODEL = "model"  # the built-in reward of a trained reward model (``mmpost.reward_model``), given by ``path``
+MODEL_KWARGS = ("batch_size",)
 
 
 @dataclass
 class RewardSpec:
-    """One reward in a config: a built-in name or a dotted path, its weight, and keyword arguments for it."""
+    """One reward in a config: a built-in name or a dotted path, its weight, keyword arguments for it, and for the
+    reward model (``name: model``) its ``path``."""
 
     name: str
     weight: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
 
 
 def resolve_reward(name: str) -> RewardFn:
@@ -116,10 +139,11 @@ def resolve_reward(name: str) -> RewardFn:
     elif "." in name:
         module_name, _, attr = name.rpartition(".")
     else:
-        close = difflib.get_close_matches(name, sorted(REWARDS), n=1)
+        builtins = sorted([*REWARDS, MODEL])
+        close = difflib.get_close_matches(name, builtins, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise RewardError(
-            f"unknown reward {name!r}.{hint} Built-in: {', '.join(sorted(REWARDS))}; "
+            f"unknown reward {name!r}.{hint} Built-in: {', '.join(builtins)}; "
             "a custom reward is given by dotted path, e.g. 'mypkg.rewards.brevity'"
         )
     if not module_name or not attr:
@@ -138,9 +162,11 @@ def resolve_reward(name: str) -> RewardFn:
 
 def _as_spec(spec: RewardSpec | Mapping[str, Any]) -> RewardSpec:
     if isinstance(spec, Mapping):
-        unknown = sorted(set(spec) - {"name", "weight", "kwargs"})
+        unknown = sorted(set(spec) - {"name", "weight", "kwargs", "path"})
         if unknown:
-            raise RewardError(f"reward entry {dict(spec)!r} has unknown key(s) {unknown}; valid: name, weight, kwargs")
+            raise RewardError(
+                f"reward entry {dict(spec)!r} has unknown key(s) {unknown}; valid: name, weight, kwargs, path"
+            )
         if "name" not in spec:
             raise RewardError(f"reward entry {dict(spec)!r} has no `name`")
         spec = RewardSpec(**spec)
@@ -153,18 +179,44 @@ def _as_spec(spec: RewardSpec | Mapping[str, Any]) -> RewardSpec:
         raise RewardError(f"reward {spec.name!r}: weight must be a finite number, got {weight!r}")
     if not isinstance(spec.kwargs, Mapping):
         raise RewardError(f"reward {spec.name!r}: kwargs must be a mapping, got {spec.kwargs!r}")
-    return RewardSpec(spec.name, float(weight), dict(spec.kwargs))
+    if spec.name == MODEL and spec.path is None:
+        raise RewardError(
+            "reward 'model' needs a `path`: a run directory or a saved model with a reward head, "
+            "e.g. {name: model, path: runs/rm}"
+        )
+    if spec.name != MODEL and spec.path is not None:
+        raise RewardError(
+            f"reward {spec.name!r}: `path` names a reward model and belongs to {{name: model, path: ...}} only; "
+            "a reward function takes its options in `kwargs`"
+        )
+    if spec.path is not None and not isinstance(spec.path, str | os.PathLike):
+        raise RewardError(f"reward 'model': path must be a string, got {spec.path!r}")
+    path = None if spec.path is None else os.fspath(spec.path)
+    return RewardSpec(spec.name, float(weight), dict(spec.kwargs), path)
+
+
+def _resolve(spec: RewardSpec) -> RewardFn | ModelReward:
+    if spec.name != MODEL:
+        return resolve_reward(spec.name)
+    from mmpost.reward_model import ModelReward  # here: it imports RewardError from this module
+
+    unknown = sorted(set(spec.kwargs) - set(MODEL_KWARGS))
+    if unknown:
+        raise RewardError(f"reward 'model': unknown kwargs {unknown}; valid: {', '.join(MODEL_KWARGS)}")
+    return ModelReward(spec.path, **spec.kwargs)
 
 
 class RewardSet:
     """A weighted sum of rewards, every function resolved at construction.
 
     Args:
-        specs: ``RewardSpec`` objects or mappings with keys ``name``, ``weight`` and ``kwargs``.
+        specs: ``RewardSpec`` objects or mappings with keys ``name``, ``weight``, ``kwargs`` and (for ``model``)
+            ``path``.
 
     Raises:
-        RewardError: for an empty list, an unknown key, a bad weight, a name listed twice, or a name that does
-            not resolve (see ``resolve_reward``).
+        RewardError: for an empty list, an unknown key, a bad weight, a name listed twice, a name that does
+            not resolve (see ``resolve_reward``), ``model`` without a ``path`` (or ``path`` elsewhere), or a
+            ``path`` that is not a model with a reward head.
     """
 
     def __init__(self, specs: Sequence[RewardSpec | Mapping[str, Any]]) -> None:
@@ -175,16 +227,33 @@ class RewardSet:
         twice = sorted({n for n in self.names if self.names.count(n) > 1})
         if twice:
             raise RewardError(f"reward(s) {twice} listed twice; each name may appear once")
-        self.fns = [resolve_reward(s.name) for s in self.specs]
+        self.fns = [_resolve(s) for s in self.specs]
+
+    @property
+    def needs_rows(self) -> bool:
+        """True when a reward model scores token rows (``__call__`` then needs ``rows``)."""
+        return MODEL in self.names
+
+    def bind(self, policy: LMM, device: torch.device | str) -> None:
+        """Loads every reward model for ``policy``: frozen, on ``device``, its LLM in the policy's dtype.
+
+        Raises:
+            RewardError: for a reward model whose tokenizer differs from the policy's, that lacks an encoder for
+                one of the policy's modalities, or that marks a medium with another placeholder token.
+        """
+        for spec, fn in zip(self.specs, self.fns, strict=True):
+            if spec.name == MODEL:
+                fn.bind(policy, device)
 
     def __call__(
-        self, completions: Sequence[str], samples: Sequence[Mapping[str, Any]]
+        self, completions: Sequence[str], samples: Sequence[Mapping[str, Any]], rows: RewardRows | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Scores each completion against its sample.
 
         Args:
             completions: ``N`` generated texts.
             samples: ``N`` data records, one per completion, passed to each reward as keyword arguments.
+            rows: the ``N`` completions as the policy's token rows, for a reward model (``needs_rows``).
 
         Returns:
             ``(total, per_reward)``: the weighted sum ``[N]`` float32, and each reward's raw values ``[N]``
@@ -192,15 +261,29 @@ class RewardSet:
 
         Raises:
             RewardError: if the lengths differ, a reward raises (chained), or a reward returns something that
-                is not a finite real number; the message names the reward and the sample's ``id``.
+                is not a finite real number (a reward model's score included), the message naming the reward and
+                the sample's ``id``; or if a reward model has no ``rows`` or is not bound.
         """
         if len(completions) != len(samples):
             raise RewardError(f"{len(completions)} completions but {len(samples)} samples")
+        if self.needs_rows and rows is None:
+            raise RewardError("reward 'model' scores the policy's token rows: pass rows= with the completions")
+        if self.needs_rows and rows.input_ids.shape[0] != len(completions):
+            raise RewardError(f"{len(completions)} completions but {rows.input_ids.shape[0]} token rows")
         per_reward: dict[str, torch.Tensor] = {}
         total = torch.zeros(len(completions), dtype=torch.float32)
         for spec, fn in zip(self.specs, self.fns, strict=True):
-            values = [self._score(spec, fn, c, s) for c, s in zip(completions, samples, strict=True)]
-            per_reward[spec.name] = torch.tensor(values, dtype=torch.float32)  # [N]
+            if spec.name == MODEL:
+                per_reward[spec.name] = fn(rows)  # [N]
+                bad = (~torch.isfinite(per_reward[spec.name])).nonzero().flatten().tolist()
+                if bad:
+                    raise RewardError(
+                        f"reward 'model' scored sample {samples[bad[0]].get('id')!r} "
+                        f"{per_reward[spec.name][bad[0]].item()}; a reward must be a finite number"
+                    )
+            else:
+                values = [self._score(spec, fn, c, s) for c, s in zip(completions, samples, strict=True)]
+                per_reward[spec.name] = torch.tensor(values, dtype=torch.float32)  # [N]
             total += spec.weight * per_reward[spec.name]
         return total, per_reward
 

@@ -162,6 +162,16 @@ def test_unknown_name_lists_builtins():
         RewardSet([{"name": "acuracy"}])
     msg = str(e.value)
     assert "acuracy" in msg and "accuracy, format" in msg and "dotted path" in msg and "'accuracy'?" in msg
+    with pytest.raises(RewardError, match=r"'model'\?.*accuracy, format, model"):
+        RewardSet([{"name": "modle"}])
+
+
+def test_text_rewards_need_no_rows_and_no_binding():
+    rewards = RewardSet([{"name": "format"}])
+    assert not rewards.needs_rows
+    rewards.bind(policy=None, device="cpu")  # nothing to load
+    total, _ = rewards(["<think>a</think><answer>b</answer>"], samples(1), rows=None)
+    torch.testing.assert_close(total, torch.tensor([1.0]))
 
 
 def test_module_that_does_not_import(custom_module):
@@ -189,6 +199,12 @@ def test_missing_or_uncallable_attribute(custom_module):
         ([{"name": "accuracy", "weight": "high"}], "weight"),
         ([{"name": "accuracy"}, {"name": "accuracy", "weight": 2.0}], "twice"),
         ([{"name": "accuracy", "kwargs": ["strict"]}], "kwargs must be a mapping"),
+        ([{"name": "accuracy", "pth": "runs/rm"}], r"\['pth'\]; valid: name, weight, kwargs, path"),
+        ([{"name": "model"}], r"'model' needs a `path`"),
+        ([RewardSpec("model", kwargs={"batch_size": 4})], r"'model' needs a `path`"),
+        ([{"name": "format", "path": "runs/rm"}], r"'format': `path` names a reward model"),
+        ([{"name": "model", "path": 3}], "path must be a string"),
+        ([{"name": "model", "path": "no/such/run"}], r"'model' path: no/such/run is not a run directory"),
     ],
 )
 def test_bad_config(specs, match):

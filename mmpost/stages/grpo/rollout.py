@@ -20,6 +20,7 @@ from mmpost.interfaces import IGNORE, MediaBatch
 from mmpost.losses.grpo import group_advantages
 from mmpost.model.completions import completion_mask, eos_token_ids
 from mmpost.model.lmm import LMM
+from mmpost.reward_model import RewardRows
 from mmpost.rewards import RewardSet
 
 # (rewards [P*G], G) -> (advantages [P*G], zero_variance [P]), as ``mmpost.losses.grpo.group_advantages``
@@ -126,18 +127,21 @@ def score(
     texts = [
         model.tokenizer.decode(row[keep], skip_special_tokens=True) for row, keep in zip(completions, done, strict=True)
     ]
-    fields = [f for f in batch.fields for _ in range(group_size)]
-    total, per_function = rewards(texts, fields)
-    total = total.to(ids.device)
-    advantage, zero_variance = advantages(total, group_size)
     prompt_ids = ids.repeat_interleave(group_size, dim=0)
     prompt_mask = mask.repeat_interleave(group_size, dim=0)
+    pad = model.tokenizer.pad_token_id
+    input_ids = torch.cat([prompt_ids, torch.where(done, completions, torch.full_like(completions, pad))], 1)
+    attention_mask = torch.cat([prompt_mask, done.long()], 1)
+    rows = RewardRows(input_ids, attention_mask, batch.media, group_size) if rewards.needs_rows else None
+    fields = [f for f in batch.fields for _ in range(group_size)]
+    total, per_function = rewards(texts, fields, rows)
+    total = total.to(ids.device)
+    advantage, zero_variance = advantages(total, group_size)
     prompt_labels = torch.full_like(prompt_ids, IGNORE)
     completion_labels = torch.where(done, completions, torch.full_like(completions, IGNORE))
-    pad = model.tokenizer.pad_token_id
     return Rollout(
-        input_ids=torch.cat([prompt_ids, torch.where(done, completions, torch.full_like(completions, pad))], 1),
-        attention_mask=torch.cat([prompt_mask, done.long()], 1),
+        input_ids=input_ids,
+        attention_mask=attention_mask,
         labels=torch.cat([prompt_labels, completion_labels], 1),
         media=batch.media,
         advantages=advantage,

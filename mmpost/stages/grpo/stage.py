@@ -78,8 +78,8 @@ class GRPOOptions(SamplingOptions):
 
     Attributes:
         rewards: reward functions with weights: ``[{name: accuracy, weight: 1.0}, {name: format, weight: 0.2},
-            {name: mypkg.rewards.brevity, weight: 0.1, kwargs: {...}}]`` (built-ins, or dotted paths); null means
-            ``[{name: accuracy}]``.
+            {name: mypkg.rewards.brevity, weight: 0.1, kwargs: {...}}]`` (built-ins, or dotted paths), or a trained
+            reward model, ``{name: model, path: RUN}`` (``mmpost.rewards``); null means ``[{name: accuracy}]``.
         group_size: G, completions sampled per prompt.
         temperature: sampling temperature (the log-probs of the loss use the same).
         top_p: nucleus sampling threshold.
@@ -124,11 +124,17 @@ class GRPO:
             check_answers(samples)
         ctx = start_run(cfg, resume, allow_changes)
         model = build_model(ctx)
+        self.rewards.bind(model, ctx.accelerator.device)  # loads a reward model, frozen, next to the policy
         parts = resolve_parts(cfg.train.trainable, self.trains, model)
         reference = make_reference(ctx, model, parts) if self.options.beta > 0 else None
+        self.add_heads(model, parts)
         loader = training_loader(ctx, samples, PromptPipeline.for_model(model, cfg.data.max_length))
         training = start_training(ctx, model, parts, loader, Evaluator(ctx, model), self.options.iterations)
         return train(training, lambda training, micro: self.step(training, micro, reference))
+
+    def add_heads(self, model: LMM, parts: list[str]) -> None:
+        """Adds the heads the objective trains beside the policy (ppo's value head) before the optimizer is made,
+        and checks that ``parts`` train them; grpo and rloo have none."""
 
     def step(self, training: Training, micro: list[PromptBatch], reference: Reference | None) -> dict[str, Any]:
         """Samples and scores a step's prompts, then takes μ optimizer steps on them."""

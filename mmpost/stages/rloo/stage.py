@@ -43,8 +43,8 @@ class RLOOOptions(SamplingOptions):
 
     Attributes:
         rewards: reward functions with weights, as grpo's: ``[{name: accuracy, weight: 1.0}, {name: format,
-            weight: 0.2}, {name: mypkg.rewards.brevity, weight: 0.1, kwargs: {...}}]`` (built-ins, or dotted paths);
-            null means ``[{name: accuracy}]``.
+            weight: 0.2}, {name: mypkg.rewards.brevity, weight: 0.1, kwargs: {...}}]`` (built-ins, or dotted paths),
+            or a trained reward model, ``{name: model, path: RUN}``; null means ``[{name: accuracy}]``.
         group_size: k, completions sampled per prompt; each one's baseline is the mean reward of the other k - 1.
         temperature: sampling temperature (the log-probs of the loss and of the KL use the same).
         top_p: nucleus sampling threshold.
