@@ -40,6 +40,11 @@ class MediaText:
     token: str
 
 
+def default_media_text(modalities) -> dict[str, MediaText]:
+    """Each modality written as its placeholder itself (``<image>``)."""
+    return {m: MediaText(PLACEHOLDERS[m], PLACEHOLDERS[m]) for m in modalities}
+
+
 # The label of a position that no loss reads (prompt, media and padding tokens), as transformers and PyTorch's
 # cross-entropy take it.
 IGNORE = -100

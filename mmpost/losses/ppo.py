@@ -29,11 +29,13 @@ it is kept so, for its numbers to be comparable.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 KL_ESTIMATORS = ("k1", "k3")
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _lengths(mask: torch.Tensor) -> torch.Tensor:
@@ -46,17 +48,22 @@ def _lengths(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _value_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """``[B, T]`` bool, true at positions ``0 .. n``: the completion and the slot after it."""
-    return torch.arange(width, device=lengths.device) <= lengths[:, None]
+    """``[B, T]`` bool, true at positions ``0 .. n``: the completion and the slot after it (none for an empty row,
+    a stand-in that only joins a collective step)."""
+    return (torch.arange(width, device=lengths.device) <= lengths[:, None]) & (lengths[:, None] > 0)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce: Reduce | None = None
+) -> torch.Tensor:
     """Standardise ``values`` by the mean and unbiased variance of the entries where ``mask`` is true.
 
     Args:
         values: ``[B, T]`` tensor.
         mask: ``[B, T]`` bool, the entries the statistics are taken over.
         shift_mean: subtract the mean; ``False`` only divides by the std.
+        reduce: sums a tensor over the processes of a distributed step, so that the statistics are those of every
+            process's entries; None: this process's alone (TRL's).
 
     Returns:
         ``[B, T]`` ``(values - mean) / sqrt(var + 1e-8)`` (plus ``mean`` when ``shift_mean`` is false), over all
@@ -65,11 +72,12 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     Raises:
         ValueError: if fewer than two entries are selected, where the unbiased variance is undefined.
     """
-    count = mask.sum()
+    reduce = reduce or (lambda t: t)
+    count = reduce(mask.sum().to(values.dtype))
     if count < 2:
         raise ValueError(f"whitening needs at least 2 masked entries, got {int(count)}")
-    mean = (values * mask).sum() / count
-    var = (((values - mean) ** 2) * mask).sum() / (count - 1)
+    mean = reduce((values * mask).sum()) / count
+    var = reduce((((values - mean) ** 2) * mask).sum()) / (count - 1)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     return whitened if shift_mean else whitened + mean
 
@@ -103,6 +111,7 @@ def ppo_rollout(
     gamma: float = 1.0,
     lam: float = 0.95,
     whiten_rewards: bool = False,
+    reduce: Reduce | None = None,
 ) -> PPORollout:
     """Per-token rewards, advantages and returns of a scored rollout.
 
@@ -117,6 +126,7 @@ def ppo_rollout(
         gamma: discount γ.
         lam: GAE's λ.
         whiten_rewards: rescale the rewards to unit std about their mean, over positions ``0 .. n``, before GAE.
+        reduce: as in ``masked_whiten``: both whitenings over every process's entries.
 
     Returns:
         ``PPORollout``, detached, in at least fp32 (fp64 inputs stay fp64).
@@ -139,7 +149,7 @@ def ppo_rollout(
     score_at = lengths.clamp(max=width - 1)  # [B]
     rewards[torch.arange(batch, device=mask.device), score_at] += scores.to(dtype).detach()
     if whiten_rewards:
-        rewards = masked_whiten(rewards, kept, shift_mean=False) * kept
+        rewards = masked_whiten(rewards, kept, shift_mean=False, reduce=reduce) * kept
 
     values = values.to(dtype).detach() * kept  # [B, T]
     next_values = torch.cat([values[:, 1:], values.new_zeros(batch, 1)], dim=1)  # [B, T], V_T = 0
@@ -150,7 +160,7 @@ def ppo_rollout(
         running = deltas[:, t] + gamma * lam * running
         advantages[:, t] = running
     returns = advantages + values
-    advantages = masked_whiten(advantages, tokens) * tokens
+    advantages = masked_whiten(advantages, tokens, reduce=reduce) * tokens
     return PPORollout(rewards=rewards, advantages=advantages, returns=returns, kl=kl)
 
 
@@ -187,6 +197,7 @@ def ppo_loss(
     cliprange: float = 0.2,
     cliprange_value: float = 0.2,
     vf_coef: float = 0.1,
+    cliprange_high: float | None = None,
 ) -> PPOLoss:
     """Clipped policy and value losses of one micro-batch of a rollout.
 
@@ -198,9 +209,10 @@ def ppo_loss(
         advantages: ``[B, T]`` from ``ppo_rollout``.
         returns: ``[B, T]`` from ``ppo_rollout``.
         mask: ``[B, T]`` 1 on completion tokens (EOS included), 0 on padding; right-padded.
-        cliprange: ε of the policy ratio.
+        cliprange: ε of the policy ratio (its lower side, ``1 - ε``, when ``cliprange_high`` is given).
         cliprange_value: ε_v, how far a value may move from ``old_values`` before its loss is clipped.
         vf_coef: weight of the value loss.
+        cliprange_high: upper side of the ratio's clip, ``1 + ε_high``; None: ``cliprange`` (TRL's symmetric clip).
 
     Returns:
         ``PPOLoss``, in at least fp32 (fp64 inputs stay fp64).
@@ -217,7 +229,8 @@ def ppo_loss(
     log_ratio = (logps.to(dtype) - old_logps.to(dtype)) * tokens  # [B, T], 0 on padding
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
+    high = cliprange if cliprange_high is None else cliprange_high
+    clipped = -adv * ratio.clamp(1.0 - cliprange, 1.0 + high)
     policy_loss = (torch.maximum(unclipped, clipped) * tokens).sum() / tokens.sum()
 
     values = values.to(dtype) * kept

@@ -29,6 +29,7 @@ from mmpost.interfaces import (
     MediaBatch,
     MediaText,
     cached_output,
+    default_media_text,
     media_count,
 )
 from mmpost.model import fusion
@@ -40,11 +41,6 @@ from mmpost.model.masks import packed_hidden
 from mmpost.model.outputs import TokenLogits
 from mmpost.model.positions import PositionScheme, positions_of
 from mmpost.model.shared_prompt import shared_logits
-
-
-def default_media_text(modalities) -> dict[str, MediaText]:
-    """Each modality written as its placeholder itself (``<image>``)."""
-    return {m: MediaText(PLACEHOLDERS[m], PLACEHOLDERS[m]) for m in modalities}
 
 
 def _count_error(modality: str, placeholders: int, num_media: int, tokens: str) -> ValueError:
@@ -362,8 +358,7 @@ class LMM(nn.Module):
             return TokenLogits(logits, kept, values=values)
         targets = labels[:, 1:]  # position t predicts token t + 1
         kept = targets != IGNORE  # [B, T-1]
-        logits = self.logits_from_hidden(hidden[:, :-1][kept])  # [N, V]
-        return TokenLogits(logits, kept, targets[kept], values)
+        return TokenLogits(self.logits_from_hidden(hidden[:, :-1][kept]), kept, targets[kept], values)  # [N, V]
 
     def generate(
         self,

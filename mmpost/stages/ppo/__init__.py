@@ -1,0 +1,1 @@
+"""PPO: RLHF with a value head and a reward model (``stage.py``)."""
