@@ -76,7 +76,8 @@ def test_registered_parts_are_checked_against_their_constructor(tmp_path):
         load_config(write(tmp_path, base | {"model": {"connectors": {"image": {"name": "mlp", "depth": "2"}}}}))
     with pytest.raises(ConfigError, match=r"model\.encoders\.image: encoder 'timm' needs model"):
         load_config(write(tmp_path, base | {"model": {"encoders": {"image": {"name": "timm"}}}}))
-    with pytest.raises(ConfigError, match=r"stage\.name: unknown stage 'sfft'.*align, distill, dpo, grpo, rloo, sft"):
+    stages = "align, distill, dpo, grpo, ppo, rloo, rm, sft"
+    with pytest.raises(ConfigError, match=rf"stage\.name: unknown stage 'sfft'.*{stages}"):
         load_config(write(tmp_path, {"stage": "sfft"}))
     cfg = load_config(write(tmp_path, base | {"model": {"connectors": {"image": "linear"}}}))
     assert cfg.model.connectors["image"] == {"name": "linear"}
@@ -112,7 +113,7 @@ QUANT_CONFIGS = sorted((ROOT / "configs" / "quant").glob("*.yaml"))
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_run_config_parses(path):
     cfg = load_config(path)
-    assert cfg.stage.name in ("align", "sft", "dpo", "grpo", "rloo", "distill")
+    assert cfg.stage.name in ("align", "sft", "dpo", "grpo", "rloo", "distill", "rm", "ppo")
 
 
 @pytest.mark.parametrize("path", QUANT_CONFIGS, ids=lambda p: p.name)

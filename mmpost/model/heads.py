@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmpost.interfaces import IGNORE
+
 HEAD_NAMES = ("reward", "value")
 
 
@@ -30,8 +32,9 @@ class ScalarHead(nn.Module):
         nn.init.normal_(self.score.weight, std=1.0 / (dim + 1) ** 0.5)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[B, T]`` values of ``[B, T, D]`` hidden states, as fp32 (they feed losses directly)."""
-        return self.score(hidden).squeeze(-1).float()
+        """``[B, T]`` values of ``[B, T, D]`` hidden states (cast to the head's dtype: a bf16 LLM under an fp32 head),
+        as fp32 (they feed losses directly)."""
+        return self.score(hidden.to(self.score.weight.dtype)).squeeze(-1).float()
 
 
 def add_head(model, name: str) -> ScalarHead:
@@ -53,3 +56,25 @@ def last_token_scores(values: torch.Tensor, attention_mask: torch.Tensor) -> tor
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     last = (positions * attention_mask.bool()).amax(dim=1)  # [B]
     return values[torch.arange(values.shape[0], device=values.device), last]
+
+
+def answer_end_scores(
+    values: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor, eos_ids: set[int]
+) -> torch.Tensor:
+    """``[B]`` each row's value at its answer's first end-of-sequence token, or at its last answer token when it has
+    none. Generation stops at end-of-sequence, so this is where a sampled completion ends (``last_token_scores`` of
+    its rows): a reward model trained on answers rendered by a chat template, which may write more after the
+    end-of-turn token (a newline), is read at the token it was trained on.
+
+    Args:
+        values: ``[B, T]`` head values; labels: ``[B, T]`` the answer's tokens, ``IGNORE`` elsewhere; input_ids:
+            ``[B, T]``; eos_ids: the model's end-of-sequence ids (``mmpost.model.completions.eos_token_ids``).
+    """
+    answer = labels != IGNORE  # [B, T]
+    eos = torch.tensor(sorted(eos_ids), device=input_ids.device)
+    positions = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
+    width = labels.shape[1]
+    first_eos = torch.where(answer & torch.isin(input_ids, eos), positions, width).amin(dim=1)  # [B]
+    last = (positions * answer).amax(dim=1)
+    at = torch.where(first_eos < width, first_eos, last)
+    return values[torch.arange(values.shape[0], device=values.device), at]
