@@ -200,10 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a previous demo in --out")
     p.add_argument(
         "--stages",
-        choices=["sft", "all"],
+        choices=["sft", "all", "rlhf"],
         default="sft",
         help="sft: align and sft (default); all: then dpo, grpo from a short sft run, distill "
-        "into a smaller LLM, and an int4 GPTQ export",
+        "into a smaller LLM, and an int4 GPTQ export; rlhf: align, sft, a reward model (rm) on preference "
+        "pairs, and ppo from a short sft run driven by that reward model",
     )
     p.add_argument("--quick", action="store_true", help="a few steps on a sliver of the data: checks the install")
     p.set_defaults(func=cmd_demo)

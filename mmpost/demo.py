@@ -13,6 +13,11 @@ rate so that its counting is still unreliable (GRPO has something to improve; af
 already near 0.92); then ``distill`` trains a student with a smaller LLM (half the width and layers, same
 tokenizer) on the sft model's distributions, and the sft model is also exported with int4 GPTQ weights.
 
+``--stages rlhf`` is the RLHF recipe instead: after sft, ``rm`` trains a reward model (a scalar head on the sft
+model) on the preference pairs, and ``ppo`` trains ``sft_short`` against that reward model alone, with a value head
+on the policy's trunk; no answer checker is used, so held-out counting accuracy measures what the reward model
+taught.
+
 The tiny LLM starts from random weights, so alignment alone (LLM frozen) cannot answer questions:
 it only fits the connector. Instruction tuning then trains connector and LLM.
 
@@ -39,10 +44,15 @@ QUICK = {
     "train": 96,
     "heldout": 30,
     "pretrain": 20,
-    "steps": {"align": 4, "sft": 8, "sft_short": 4, "dpo": 4, "grpo": 4, "distill": 4},
+    "steps": {"align": 4, "sft": 8, "sft_short": 4, "dpo": 4, "grpo": 4, "distill": 4, "rm": 4, "ppo": 4},
 }
 SFT_SHORT_STEPS = 60
 STAGE_ORDER = ("align", "sft", "dpo", "sft_short", "grpo", "distill")
+CHAINS = {  # --stages
+    "sft": ("align", "sft"),
+    "all": STAGE_ORDER,
+    "rlhf": ("align", "sft", "sft_short", "rm", "ppo"),
+}
 DATA = {  # train and eval files of each stage, under OUT/data
     "align": ("align.json", "heldout.jsonl"),
     "sft": ("sft.json", "heldout.jsonl"),
@@ -50,8 +60,10 @@ DATA = {  # train and eval files of each stage, under OUT/data
     "dpo": ("pairs.json", "pairs_heldout.jsonl"),
     "grpo": ("count.json", "count_heldout.jsonl"),
     "distill": ("sft.json", "heldout.jsonl"),
+    "rm": ("reward_pairs.json", "reward_pairs_heldout.jsonl"),
+    "ppo": ("count.json", "count_heldout.jsonl"),
 }
-STARTS_FROM = {"sft": "align", "sft_short": "align", "dpo": "sft", "grpo": "sft_short"}
+STARTS_FROM = {"sft": "align", "sft_short": "align", "dpo": "sft", "grpo": "sft_short", "rm": "sft", "ppo": "sft_short"}
 
 
 def build_parts(out: Path, quick: bool = False) -> None:
@@ -103,6 +115,8 @@ def stage_overrides(out: Path, stage: str, quick: bool = False) -> list[str]:
             f"model.encoders.image.path={base / 'clip'}",
             f"stage.teacher={out / 'runs' / 'sft'}",
         ]
+    if stage == "ppo":  # driven by the demo's own reward model
+        common.append(f"stage.rewards=[{{name: model, path: {out / 'runs' / 'rm'}}}]")
     return [*common, f"from={out / 'runs' / STARTS_FROM[stage]}"]
 
 
@@ -133,7 +147,9 @@ def run_demo(out: Path, force: bool = False, quick: bool = False, stages: str = 
     """Runs the demo into ``out`` and returns the summary (also written to ``out/summary.json``).
 
     Args:
-        stages: ``sft`` (align, sft) or ``all`` (align, sft, dpo, sft_short, grpo).
+        stages: a chain of ``CHAINS``: ``sft`` (align, sft), ``all`` (align, sft, dpo, sft_short, grpo, distill) or
+            ``rlhf`` (align, sft, sft_short, then ``rm`` on the preference pairs from sft and ``ppo`` from sft_short
+            driven by that reward model alone).
 
     Raises:
         FileExistsError: if ``out`` is not empty and ``force`` is False.
@@ -153,9 +169,9 @@ def run_demo(out: Path, force: bool = False, quick: bool = False, stages: str = 
     started = time.perf_counter()
     log.info("synthetic data and tiny models -> %s", out)
     build_parts(out, quick)
-    if stages not in ("sft", "all"):
-        raise ValueError(f"--stages must be 'sft' or 'all'; got {stages!r}")
-    names = STAGE_ORDER if stages == "all" else STAGE_ORDER[:2]
+    if stages not in CHAINS:
+        raise ValueError(f"--stages must be one of {', '.join(CHAINS)}; got {stages!r}")
+    names = CHAINS[stages]
     summary: dict[str, Any] = {"stages": {}, "export": None, "quick": quick}
     for stage in names:
         config = CONFIG_DIR / f"{'sft' if stage == 'sft_short' else stage}.yaml"

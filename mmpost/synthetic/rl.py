@@ -6,6 +6,11 @@ image refs relative to ``images/``:
 - preference pairs for ``dpo``: one question per image (colour, shape or count; balanced) as a user-only
   prompt, with ``chosen`` the true reply and ``rejected`` the reply a wrong value of the same task would get
   (another colour, another shape, another count in 1-3), in the same format (``"Red."``, ``"2"``);
+- reward-model pairs for ``rm`` (``reward_pairs.json``, ``reward_pairs_heldout.jsonl``): the same questions with
+  the true reply as ``chosen`` and, as ``rejected``, one of the replies a policy may sample when RL pushes it off
+  its data: a wrong value of the same task (half of them), the reply to another task (``"Red."`` to a count
+  question), a value no scene has (``"4"``, ``"Purple."``), the true reply repeated, or nothing at all; a reward
+  model that saw only the first kind scores the others at random, and PPO finds them;
 - counting prompts for ``grpo``: "how many shapes" as a user-only prompt, with the digit as ``answer`` for a
   verifiable reward; the held-out copy keeps the reply as a final assistant turn so an evaluator can compare
   a generated answer with it.
@@ -70,7 +75,19 @@ def write_rl(
         _count(f"count-heldout-{i:06d}", scene, ref, rng, reply=True) for i, (scene, ref, _) in enumerate(heldout)
     ]
 
+    rm_rng = random.Random(f"{seed}/rm")  # a stream of its own: the files above keep every byte
+    reward_pairs = [
+        _reward_pair(f"reward-pair-{i:06d}", scene, ref, task, choices, rm_rng)
+        for i, ((scene, ref, _), task) in enumerate(zip(train, train_tasks, strict=True))
+    ]
+    reward_pairs_heldout = [
+        _reward_pair(f"reward-pair-heldout-{i:06d}", scene, ref, task, choices, rm_rng)
+        for i, ((scene, ref, _), task) in enumerate(zip(heldout, heldout_tasks, strict=True))
+    ]
+
     write_json(out / "pairs.json", pairs)
+    write_json(out / "reward_pairs.json", reward_pairs)
+    write_jsonl(out / "reward_pairs_heldout.jsonl", reward_pairs_heldout)
     write_json(out / "unpaired.json", [_unpaired(p, i % 2 == 0) for i, p in enumerate(pairs)])
     write_jsonl(out / "pairs_heldout.jsonl", pairs_heldout)
     write_json(out / "count.json", count)
@@ -83,6 +100,8 @@ def write_rl(
         pairs=len(pairs),
         unpaired=len(pairs),
         pairs_heldout=len(pairs_heldout),
+        reward_pairs=len(reward_pairs),
+        reward_pairs_heldout=len(reward_pairs_heldout),
         count=len(count),
         count_heldout=len(count_heldout),
         pair_shards=len(pair_shards),
@@ -96,6 +115,8 @@ def write_rl(
         pairs="pairs.json",
         unpaired="unpaired.json",
         pairs_heldout="pairs_heldout.jsonl",
+        reward_pairs="reward_pairs.json",
+        reward_pairs_heldout="reward_pairs_heldout.jsonl",
         count="count.json",
         count_heldout="count_heldout.jsonl",
         pair_shards=pair_shards,
@@ -116,6 +137,29 @@ def _pair(
         "images": [ref],
         "task": task,
     }
+
+
+# values no scene of the data set has, as a policy off its data may answer them
+_UNSEEN = {"colour": ("purple", "black"), "shape": ("star", "hexagon"), "count": (0, 4, 5)}
+
+
+def _reward_pair(
+    sample_id: str, scene: Scene, ref: str, task: str, choices: Mapping[str, Sequence[Any]], rng: random.Random
+) -> dict[str, Any]:
+    """A pair for a reward model: the true reply against a wrong one drawn from the kinds a sampling policy
+    produces (see the module docstring)."""
+    pair = _pair(sample_id, scene, ref, task, choices, rng)
+    kind = rng.choices(("wrong", "other_task", "unseen", "repeated", "empty"), weights=(5, 2, 1, 1, 1))[0]
+    if kind == "other_task":
+        pair["rejected"] = scene.reply(rng.choice([t for t in choices if t != task]))
+    elif kind == "unseen":
+        value = rng.choice(_UNSEEN[task])
+        pair["rejected"] = str(value) if task == "count" else f"{str(value).capitalize()}."
+    elif kind == "repeated":
+        pair["rejected"] = " ".join([pair["chosen"]] * rng.randint(2, 3))
+    elif kind == "empty":
+        pair["rejected"] = ""
+    return pair | {"rejected_kind": kind}
 
 
 def _unpaired(pair: dict[str, Any], desirable: bool) -> dict[str, Any]:
