@@ -29,9 +29,13 @@ from mmpost.model.build import load_lmm
 from mmpost.model.format import CONFIG_NAME, read_json, resolve_model_dir
 from mmpost.model.heads import last_token_scores
 from mmpost.model.lmm import LMM
-from mmpost.rewards import RewardError
 
 log = logging.getLogger("mmpost")
+
+
+class RewardError(ValueError):
+    """A reward that cannot be resolved, a bad reward config, or a reward that failed on a sample (the error of
+    every reward, ``mmpost.rewards`` included; defined here, which that module imports)."""
 
 
 @dataclass

@@ -54,16 +54,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mmpost.answers import answer_span, completion_answers
+from mmpost.reward_model import ModelReward, RewardError, RewardRows
 
 if TYPE_CHECKING:
     from mmpost.model.lmm import LMM
-    from mmpost.reward_model import ModelReward, RewardRows
 
 RewardFn = Callable[..., Any]
-
-
-class RewardError(ValueError):
-    """A reward that cannot be resolved, a bad reward config, or a reward that failed on a sample."""
+__all__ = ["REWARDS", "RewardError", "RewardRows", "RewardSet", "RewardSpec", "accuracy", "format_reward"]
 
 
 _FORMAT = re.compile(
@@ -198,8 +195,6 @@ def _as_spec(spec: RewardSpec | Mapping[str, Any]) -> RewardSpec:
 def _resolve(spec: RewardSpec) -> RewardFn | ModelReward:
     if spec.name != MODEL:
         return resolve_reward(spec.name)
-    from mmpost.reward_model import ModelReward  # here: it imports RewardError from this module
-
     unknown = sorted(set(spec.kwargs) - set(MODEL_KWARGS))
     if unknown:
         raise RewardError(f"reward 'model': unknown kwargs {unknown}; valid: {', '.join(MODEL_KWARGS)}")
