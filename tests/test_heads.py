@@ -88,3 +88,37 @@ def test_heads_train_as_a_part(make_model):
         list(part_params(model, "heads.value"))
     with pytest.raises(ValueError, match="unknown head 'critic'"):
         add_head(model, "critic")
+
+
+def test_a_critic_trunk_trains_alone_and_saves_with_the_model(make_model, tmp_path):
+    """A separate value model: a copy of the LLM's decoder reading the LMM's input embeddings; its values'
+    gradients reach its own weights and none of the LMM's, and it saves and loads with the model."""
+    model = make_model()
+    critic = add_head(model, "value", trunk=True)
+    batch = make_batch(model, pairs(), "pair")
+    out = model(batch.input_ids, batch.attention_mask, batch.media, media_repeat=2, head="value")
+    out.values.sum().backward()
+    policy = [n for n, p in model.named_parameters() if not n.startswith("heads.") and p.grad is not None]
+    own = [n for n, p in critic.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert policy == [] and any(n.startswith("decoder.layers.0.") for n in own) and "head.score.weight" in own
+    decoder = model.base_llm.get_decoder()
+    assert critic.decoder is not decoder
+    torch.testing.assert_close(critic.decoder.layers[0].mlp.up_proj.weight, decoder.layers[0].mlp.up_proj.weight)
+    with torch.no_grad():
+        critic.decoder.layers[0].mlp.up_proj.weight.add_(0.5)  # the copy moves apart from the policy
+        expected = model(batch.input_ids, batch.attention_mask, batch.media, media_repeat=2, head="value").values
+    model.save(tmp_path / "m")
+    loaded = mmpost.load(tmp_path / "m").eval()
+    assert type(loaded.heads["value"]).__name__ == "CriticTrunk"
+    with torch.no_grad():
+        again = loaded(batch.input_ids, batch.attention_mask, batch.media, media_repeat=2, head="value").values
+    torch.testing.assert_close(again, expected.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_critic_trunk_is_refused_beside_a_fusion_connector(make_model):
+    with pytest.raises(ValueError, match="value_model: shared"):
+        add_head(
+            make_model("xattn", every=1, heads=4, num_latents=4, resampler_layers=1, resampler_heads=4),
+            "value",
+            trunk=True,
+        )

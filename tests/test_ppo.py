@@ -19,6 +19,7 @@ import mmpost.training.loop
 from mmpost.cli import main
 from mmpost.interfaces import IGNORE
 from mmpost.losses.ppo import ppo_loss, ppo_rollout
+from mmpost.model.positions import positions_of
 from mmpost.training.metrics import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,23 +61,32 @@ def reward_module(tmp_path, monkeypatch):
 def columns(model: mmpost.LMM, r, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``([B, L] completion log-probs, [B, L] values, [B, L] mask)`` of a rollout from a plain forward of every
     position (no labels) and the value head applied to the decoder's hidden states."""
+    head = model.heads["value"]
     with torch.no_grad():
         logits = model(r.input_ids, r.attention_mask, r.media, media_repeat=1).dense()[:, :-1].float()
-        hidden = model.hidden_states(r.input_ids, r.attention_mask, r.media)
-        values = (hidden @ model.heads["value"].score.weight[0]).float()
+        if hasattr(head, "decoder"):  # a separate critic: its own decoder on the LMM's input embeddings
+            embeds, _ = model.embed(r.input_ids, r.media, positions_of(r.attention_mask))
+            positions = positions_of(r.attention_mask)
+            hidden = head.decoder(inputs_embeds=embeds, attention_mask=r.attention_mask, position_ids=positions)
+            values = (hidden.last_hidden_state @ head.head.score.weight[0]).float()
+        else:
+            hidden = model.hidden_states(r.input_ids, r.attention_mask, r.media)
+            values = (hidden @ head.score.weight[0]).float()
     logps = (logits / temperature).log_softmax(-1).gather(-1, r.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     start, end = r.prompt_width - 1, r.input_ids.shape[1] - 1
     mask = r.labels[:, r.prompt_width :] != IGNORE
     return logps[:, start:end], values[:, start:end], mask.long()
 
 
-def test_the_step_loss_is_ppo_loss_on_the_step_samples(ppo_config, tmp_path, monkeypatch, reward_module):
+@pytest.mark.parametrize("value_model", ["shared", "separate"])
+def test_the_step_loss_is_ppo_loss_on_the_step_samples(ppo_config, tmp_path, monkeypatch, reward_module, value_model):
     """Two steps of μ = 2 with the KL penalty on two micro-batches: the second update of the second step (policy
     moved from the sampling policy, which moved from the reference) is recomputed from the sampled rows, the scores
     and plain forwards of the three models, through ``ppo_rollout`` (GAE, whitening over the step) and
     ``ppo_loss``."""
     beta, temperature = 0.1, 0.9
     stage = {"beta": beta, "temperature": temperature, "rewards": [{"name": f"{reward_module}.varied"}]}
+    stage["value_model"] = value_model
     cfg = ppo_config(stage=stage, train={"max_steps": 2, "grad_accum": 2, "lr": 5e-3}, data={"eval": None})
     calls = []
     original = ppo_stage.optimizer_step
@@ -139,7 +149,14 @@ def test_the_step_loss_is_ppo_loss_on_the_step_samples(ppo_config, tmp_path, mon
     assert kl > 0 and logged["kl"] == pytest.approx(kl, rel=1e-4)
 
 
-@pytest.mark.parametrize("stage, model", [({"beta": 0.0}, {}), ({"kl_estimator": "k3", "whiten_rewards": True}, LORA)])
+@pytest.mark.parametrize(
+    "stage, model",
+    [
+        ({"beta": 0.0}, {}),
+        ({"kl_estimator": "k3", "whiten_rewards": True}, LORA),
+        ({"value_model": "separate"}, LORA),
+    ],
+)
 def test_ppo_runs_and_logs_its_metrics(ppo_config, tmp_path, monkeypatch, reward_module, stage, model):
     if stage.get("beta") == 0.0:
         monkeypatch.setattr(
@@ -157,12 +174,18 @@ def test_ppo_runs_and_logs_its_metrics(ppo_config, tmp_path, monkeypatch, reward
         assert lines[0]["kl"] == 0 and any(r["kl"] != 0 for r in lines[1:])  # the policy starts as the reference
     final = mmpost.load(tmp_path / "ppo" / "final")
     assert final.has_lora == bool(model) and list(final.heads) == ["value"]
+    if stage.get("value_model") == "separate":  # the critic's own decoder trained (all of it), the policy's base not
+        start = mmpost.load(tmp_path / "sft" / "final").base_llm.get_decoder().state_dict()
+        critic = final.heads["value"].decoder.state_dict()
+        policy = final.base_llm.get_decoder().state_dict()
+        key = "layers.0.mlp.up_proj.weight"  # not a LoRA target: frozen in the policy
+        assert not torch.equal(critic[key], start[key]) and torch.equal(policy[key], start[key])
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_ppo_resume_continues_the_same_run(ppo_config, tmp_path, monkeypatch, reward_module, lora):
+@pytest.mark.parametrize("lora, value_model", [(False, "shared"), (True, "shared"), (False, "separate")])
+def test_ppo_resume_continues_the_same_run(ppo_config, tmp_path, monkeypatch, reward_module, lora, value_model):
     train = {"max_steps": 6, "save_every": 3}
-    stage = {"beta": 0.1, "rewards": [{"name": f"{reward_module}.varied"}]}
+    stage = {"beta": 0.1, "rewards": [{"name": f"{reward_module}.varied"}], "value_model": value_model}
     model = LORA if lora else {}
     assert main(["train", str(ppo_config("straight", stage=stage, train=train, model=model))]) == 0
     original = mmpost.training.loop.save_checkpoint
@@ -228,7 +251,7 @@ def test_prompts_without_answers_fail_before_any_model_loads(ppo_config, tmp_pat
 
 
 def test_a_value_model_that_is_not_built_is_refused(ppo_config, capsys):
-    assert main(["train", str(ppo_config(stage={"value_model": "separate"}))]) == 2
+    assert main(["train", str(ppo_config(stage={"value_model": "critic"}))]) == 2
     assert "value_model" in capsys.readouterr().err
 
 

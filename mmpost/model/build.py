@@ -126,8 +126,8 @@ def load_lmm(path: str | Path, dtype: torch.dtype | None = None, verify: bool = 
         with names_damage(path / "llm" / "adapter", "the LoRA adapter"):
             model.llm = load_adapter(llm, path / "llm" / "adapter")
         model.lora_config = LoraConfig(**config["lora"])
-    for name in config.get("heads", {}):
-        add_head(model, name)
+    for name, head in config.get("heads", {}).items():
+        add_head(model, name, trunk=head.get("trunk", False))
     with names_damage(path / PARTS_NAME, "the encoder and connector weights"):
         parts = load_file(str(path / PARTS_NAME))
     for name, module in (("encoders", model.encoders), ("connectors", model.connectors), ("heads", model.heads)):

@@ -113,7 +113,7 @@ def save_lmm(model: torch.nn.Module, path: str | Path, merge_lora: bool = False)
     if model.typed_chat:
         config["typed_chat"] = True
     if len(model.heads):
-        config["heads"] = {name: {"dim": h.dim} for name, h in model.heads.items()}
+        config["heads"] = {name: {"dim": h.dim, "trunk": hasattr(h, "decoder")} for name, h in model.heads.items()}
     (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     parts = {f"encoders.{k}": v for k, v in model.encoders.state_dict().items()}
     parts |= {f"connectors.{k}": v for k, v in model.connectors.state_dict().items()}

@@ -10,6 +10,8 @@ loads it as a reward function, and the score of a text is the head's value at it
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -37,17 +39,67 @@ class ScalarHead(nn.Module):
         return self.score(hidden.to(self.score.weight.dtype)).squeeze(-1).float()
 
 
-def add_head(model, name: str) -> ScalarHead:
-    """Adds (or returns the existing) head ``name`` of ``model``, an ``LMM``, on its LLM's width and device.
+class CriticTrunk(nn.Module):
+    """A value model of its own: a copy of the LLM's decoder (its transformer layers and final norm, LoRA adapters
+    included) with a scalar head, reading the LMM's input embeddings (text and media tokens) without training them.
+
+    PPO's ``value_model: separate``: the value loss trains this copy alone and the policy's trunk is untouched by
+    it, as with TRL's separate value model; unlike TRL's, the critic has no embeddings, encoders or connectors of its
+    own (it reads the policy's, computed again without gradients), and it starts as a copy of the starting policy.
+    """
+
+    def __init__(self, decoder: nn.Module, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.decoder = decoder
+        self.head = ScalarHead(dim)
+
+    def values(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, media, media_repeat: int):
+        """``[B, T]`` values of a batch of the LMM ``model``'s rows."""
+        from mmpost.model.positions import positions_of
+
+        with torch.no_grad():
+            embeds, _ = model.embed(input_ids, media, positions_of(attention_mask), media_repeat)
+            position_ids = model.decoder_positions(input_ids, attention_mask, media, media_repeat)
+        out = self.decoder(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        return self.head(out.last_hidden_state)
+
+
+def head_values(model, name: str, hidden: torch.Tensor, input_ids, attention_mask, media, media_repeat: int):
+    """``[B, T]`` values of ``model``'s head ``name``: on the LMM's own last hidden states, or a critic's."""
+    head = model.heads[name]
+    if isinstance(head, CriticTrunk):
+        return head.values(model, input_ids, attention_mask, media, media_repeat)
+    return head(hidden)
+
+
+def add_head(model, name: str, trunk: bool = False) -> nn.Module:
+    """Adds (or returns the existing) head ``name`` of ``model``, an ``LMM``, on its LLM's width and device: a
+    ``ScalarHead`` on the LMM's hidden states, or with ``trunk`` a ``CriticTrunk`` (a copy of the LLM's decoder).
 
     Raises:
-        ValueError: for a name not in ``HEAD_NAMES``.
+        ValueError: for a name not in ``HEAD_NAMES``, or a trunk for a model with a fusion connector (its blocks
+            hook the policy's own decoder layers).
     """
+    from mmpost.interfaces import FusionConnector
+
     if name not in HEAD_NAMES:
         raise ValueError(f"unknown head {name!r}; valid: {', '.join(HEAD_NAMES)}")
     if name not in model.heads:
         weight = model.base_llm.get_input_embeddings().weight
-        model.heads[name] = ScalarHead(model.hidden_size).to(weight.device)
+        if trunk:
+            fused = [m for m, c in model.connectors.items() if isinstance(c, FusionConnector)]
+            if fused:
+                raise ValueError(
+                    f"a separate value model copies the LLM's decoder, whose layers the fusion connector of {fused} "
+                    "hooks; use value_model: shared"
+                )
+            decoder = copy.deepcopy(model.base_llm.get_decoder())
+            model.heads[name] = CriticTrunk(decoder, model.hidden_size).to(weight.device)
+        else:
+            model.heads[name] = ScalarHead(model.hidden_size).to(weight.device)
     return model.heads[name]
 
 

@@ -35,6 +35,7 @@ from mmpost.interfaces import (
 from mmpost.model import fusion
 from mmpost.model.format import save_lmm
 from mmpost.model.fusion import FusionMedia, FusionState
+from mmpost.model.heads import head_values
 from mmpost.model.llm import load_llm, prepare_tokenizer
 from mmpost.model.lora import add_lora, base_causal_lm, has_lora
 from mmpost.model.masks import packed_hidden
@@ -351,7 +352,9 @@ class LMM(nn.Module):
             if shared is not None:
                 return shared
         hidden = self.hidden_states(input_ids, attention_mask, media, media_repeat, segments)
-        values = self.heads[head](hidden) if head is not None else None  # [B, T]
+        values = (
+            None if head is None else head_values(self, head, hidden, input_ids, attention_mask, media, media_repeat)
+        )
         if labels is None:
             kept = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)  # [B, T]
             logits = None if head is not None else self.logits_from_hidden(hidden).flatten(0, 1)

@@ -16,16 +16,19 @@ call, the reward functions) with PPO's objective in place of the group-relative 
   the clipped value loss, each micro-batch's loss the mean over its own tokens and the step's the mean over its
   micro-batches, as TRL's gradient accumulation gives.
 
-The value is a head on the policy's own trunk (``value_model: shared``, ``mmpost.model.heads``): one forward gives
-the log-probs and the values, and the value loss also trains the trunk (weighted by ``vf_coef``). It is added
-(fresh) when the run starts, trains as the part ``heads`` beside the LLM (or its LoRA adapters), and is saved
-with the model. The reference is the starting policy: a frozen copy, or the policy with its LoRA adapters off
+The value is a head on the policy's own trunk by default (``value_model: shared``, ``mmpost.model.heads``): one
+forward gives the log-probs and the values, and the value loss also trains the trunk (weighted by ``vf_coef``).
+``value_model: separate`` gives the critic a decoder of its own, a copy of the starting LLM's, reading the policy's
+input embeddings without training them (``mmpost.model.heads.CriticTrunk``). Either is added (fresh) when the run
+starts, trains as the part ``heads`` beside the LLM (or its LoRA adapters), and is saved with the model. The
+reference is the starting policy: a frozen copy, or the policy with its LoRA adapters off
 (``mmpost.stages.reference``); ``beta: 0`` loads none.
 
-Where this departs from TRL 1.9's ``PPOTrainer`` (since removed from TRL): TRL keeps a separate value model (by
-default initialised from the reward model); a separate critic is not built here, the value shares the policy's
-trunk. The policy and value forwards compute each row whole (the shared-prompt forward of grpo is used by the
-reference only). Whitening is over this process's completions, as TRL's is.
+Where this departs from TRL 1.9's ``PPOTrainer`` (since removed from TRL): TRL's value model is a separate model by
+default, initialised from the reward model, with embeddings of its own; here it shares the trunk, or (separate) the
+input embeddings and media tokens, and starts from the policy. The policy and value forwards compute each row
+whole (the shared-prompt forward of grpo is used by the reference only). Whitening is over the step's completions
+on every process (TRL's is over each process's own).
 
 Logged per step: what grpo logs (``kl``: the mean over completions of the summed per-token KL, TRL's
 ``objective/kl``; ``clip_fraction``: the policy's, over tokens, averaged over micro-batches), ``score`` (the mean
@@ -76,7 +79,10 @@ class PPOOptions(SamplingOptions):
         vf_coef: weight of the value loss.
         whiten_rewards: rescale the per-token rewards to unit std (keeping their mean) before GAE.
         missing_eos_penalty: taken from the score of a completion without end-of-sequence; null: none.
-        value_model: ``shared``: the value is a head on the policy's trunk (the only kind built).
+        value_model: ``shared``: the value is a head on the policy's trunk, and the value loss also trains the
+            trunk; ``separate``: a critic of its own, a copy of the starting LLM's decoder with the head, reading the
+            policy's input embeddings without training them (``mmpost.model.heads.CriticTrunk``; a second
+            decoder's memory, and the media encoded twice per forward).
         share_prefill: prefill each prompt once for its samples.
         share_prompt: the reference's forwards compute each prompt once for its samples (``group_size`` > 1).
     """
@@ -92,7 +98,7 @@ class PPOOptions(SamplingOptions):
     vf_coef: float = ranged(0.1, ge=0)
     whiten_rewards: bool = False
     missing_eos_penalty: float | None = None
-    value_model: Literal["shared"] = "shared"
+    value_model: Literal["shared", "separate"] = "shared"
 
 
 class Unused:
@@ -136,7 +142,7 @@ class PPO(GRPO):
     def add_heads(self, model: LMM, parts: list[str]) -> None:
         if not {"heads", "heads.value"} & set(parts):
             raise PartError(f"ppo trains a value head: add 'heads' to train.trainable (it is {parts})")
-        add_head(model, "value")  # on resume the checkpoint already has it
+        add_head(model, "value", trunk=self.options.value_model == "separate")  # a resumed checkpoint has it
 
     def forward(self, model: torch.nn.Module, r: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """``([B, L] completion log-probs, [B, L] values)`` under ``model``, from one forward with the value head."""
