@@ -207,3 +207,27 @@ def test_kto_on_two_processes_matches_one_with_the_same_global_batch(dpo_config,
     for a, b in zip(single, double, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["kl"] == pytest.approx(b["kl"], abs=1e-5)
     assert single[-1]["kl"] != 0.0
+
+
+def test_orpo_on_two_processes_matches_one_with_the_same_global_batch(dpo_config, tmp_path, synth_dir):
+    """ORPO's loss is a mean over the step's pairs (NLL and odds-ratio term alike), whichever process holds them."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import torchrun
+
+    common = {"max_steps": 4, "lr": 2e-3, "log_every": 1}
+    stage = {"loss_type": "orpo", "beta": 0.5}
+    one = dpo_config("one", stage=stage, data={"eval": None}, train={**common, "batch_size": 4})
+    two = dpo_config("two", stage=stage, data={"eval": None}, train={**common, "batch_size": 2})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "mmpost", "train", str(one)], check=True, env=env, capture_output=True)
+    result = subprocess.run(torchrun("train", str(two), port=29548), env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, double = train_lines(tmp_path / "one"), train_lines(tmp_path / "two")
+    assert len(single) == len(double) == 4
+    for a, b in zip(single, double, strict=True):
+        for key in ("loss", "nll", "log_odds"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+    assert single[-1]["loss"] < single[0]["loss"]

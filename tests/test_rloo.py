@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -250,6 +251,61 @@ def test_two_processes_under_fsdp2_train_as_under_ddp(tmp_path, synth_dir, llm_d
     assert curves["ddp"][0][0] == 0 and all(kl > 0 for kl, _ in curves["ddp"][1:])
     for a, b in zip(curves["ddp"], curves["fsdp2"], strict=True):
         assert a == pytest.approx(b, rel=1e-5), curves
+
+
+SAMPLER = """
+import torch
+import mmpost.stages.grpo.rollout as rollout
+
+
+def sample(model, input_ids, attention_mask, media, group_size, max_completion_length, *args):
+    # completions drawn from a generator seeded by each prompt's own tokens: the same for a prompt whichever
+    # process samples it and whatever else it is batched with
+    tokenizer = model.tokenizer
+    words = tokenizer(" 1 2 3 red blue green circle square", add_special_tokens=False)["input_ids"]
+    rows = []
+    for ids, mask in zip(input_ids, attention_mask):
+        generator = torch.Generator().manual_seed(int(ids[mask.bool()].sum()))
+        for _ in range(group_size):
+            picks = torch.randint(len(words), (max_completion_length,), generator=generator)
+            row = torch.tensor([words[i] for i in picks])
+            length = int(torch.randint(1, max_completion_length + 1, (1,), generator=generator))
+            row[length - 1] = tokenizer.eos_token_id
+            row[length:] = tokenizer.pad_token_id
+            rows.append(row)
+    return torch.stack(rows).to(input_ids.device)
+
+
+rollout.sample = sample
+"""
+
+
+def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, synth_dir, llm_dir, clip_dir, reward_module):
+    """One process with two micro-batches of one prompt against two processes with one each, on completions drawn
+    per prompt (``SAMPLER``, installed in both runs through ``sitecustomize``): the KL penalty, the leave-one-out
+    advantages standardised over both processes and the sequence-level loss give the same curves."""
+    (tmp_path / "sitecustomize.py").write_text(SAMPLER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(tmp_path)}
+    stage = {"name": "rloo", "group_size": 3, "max_completion_length": 4, "iterations": 2, "beta": 0.1}
+    stage |= {"normalize_advantages": True, "rewards": [{"name": f"{reward_module}.varied"}]}
+    data = {"train": {"path": str(synth_dir / "count.json"), "image_root": str(synth_dir / "images")}, "eval": None}
+    common = {"max_steps": 4, "batch_size": 1, "lr": 1e-3, "log_every": 1, "warmup_ratio": 0.0}
+    one = write_run_config(
+        tmp_path, synth_dir, llm_dir, clip_dir, "one", stage=stage, data=data, train={**common, "grad_accum": 2}
+    )
+    two = write_run_config(tmp_path, synth_dir, llm_dir, clip_dir, "two", stage=stage, data=data, train=common)
+    done = subprocess.run(
+        [sys.executable, "-m", "mmpost", "train", str(one)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    done = subprocess.run(torchrun("train", str(two), port=29873), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    keys = ("loss", "kl", "reward/mean", "reward/std", "clip_fraction")
+    curves = {run: [[r[k] for k in keys] for r in train_lines(tmp_path / run)] for run in ("one", "two")}
+    assert len(curves["one"]) == len(curves["two"]) == 4
+    assert any(c[1] != 0 for c in curves["one"]) and any(c[3] > 0 for c in curves["one"])
+    for a, b in zip(curves["one"], curves["two"], strict=True):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6), curves
 
 
 def test_prompts_without_answers_fail_before_any_model_loads(rloo_config, tmp_path, synth_dir, monkeypatch, capsys):
