@@ -406,3 +406,18 @@ def test_16_bit_images_are_scaled_to_8_bits_not_clipped_white(tmp_path, source):
     assert got.mode == "RGB" and got.size == want.size
     difference = np.abs(np.asarray(got, dtype=np.float32) - np.asarray(want, dtype=np.float32)) / 255.0
     assert difference.max() <= 1 / 255 and np.asarray(got).mean() < 200  # not a white image
+
+
+def test_reward_pairs_reject_what_a_policy_samples_off_its_data(synth):
+    """The reward model's pairs: the true reply against each kind of wrong one, never itself, on the images and
+    questions of dpo's pairs."""
+    manifest = json.loads((synth / "synth.json").read_text())
+    pairs = json.loads((synth / manifest["files"]["reward_pairs"]).read_text())
+    dpo = json.loads((synth / "pairs.json").read_text())
+    assert len(pairs) == len(dpo) == NUM_TRAIN
+    assert {p["rejected_kind"] for p in pairs} == {"wrong", "other_task", "unseen", "repeated", "empty"}
+    assert all(p["chosen"] != p["rejected"] for p in pairs)
+    assert [(p["images"], p["task"], p["chosen"]) for p in pairs] == [
+        (p["images"], p["task"], p["chosen"]) for p in dpo
+    ]
+    assert sum(1 for _ in open(synth / manifest["files"]["reward_pairs_heldout"])) == NUM_HELDOUT
