@@ -10,7 +10,7 @@ call, the reward functions) with PPO's objective in place of the group-relative 
 - before the first update the sampling policy's log-probs and values and the reference's log-probs are computed
   once (no gradients); ``mmpost.losses.ppo.ppo_rollout`` turns them and the scores into per-token rewards (the
   KL penalty ``-β KL_t``, k1 or k3, with the score one past the last token), GAE advantages (γ, λ), returns, and
-  whitens the advantages over every completion token of the step on this process;
+  whitens the advantages over every completion token of the step, on every process;
 - ``iterations`` (μ, TRL's ``num_ppo_epochs``) optimizer steps follow, each over every micro-batch of the step
   (TRL's ``num_mini_batches: 1``), on ``mmpost.losses.ppo.ppo_loss``: the clipped surrogate plus ``vf_coef`` times
   the clipped value loss, each micro-batch's loss the mean over its own tokens and the step's the mean over its
