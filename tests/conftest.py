@@ -143,3 +143,11 @@ def demo_sft(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     run_demo(out, stages="sft")
     return out
+
+
+@pytest.fixture
+def calib(synth_dir):
+    """Sixteen synthetic conversations with their images, as quantization calibrates on."""
+    from mmpost.data.sources import read_records
+
+    return read_records(synth_dir / "sft.json", image_root=synth_dir / "images")[:16]

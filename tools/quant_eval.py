@@ -1,22 +1,22 @@
 """What quantization costs a trained model: held-out accuracy, loss and drift from the float model per scheme.
 
-    python tools/quant_eval.py RUN [--schemes w8a16,w4a16,w4a16-gptq,w4a16-gptq-text,w4a16-g32-gptq]
+    python tools/quant_eval.py RUN [--schemes w8a16,w4a16-gptq,w4a16-gptq-text,w4a16-awq-g32,w8a8,fp8,sparse24]
                                [--calib-samples 128] [--eval-samples 300] [--json out.json]
 
 For each scheme the float model of ``RUN`` (a finished run: its ``final/`` and ``config.yaml``) is loaded,
-quantized with ``mmpost.quant`` (GPTQ calibrated on the run's training data), and measured on the run's
+compressed with ``mmpost.quant`` (calibrated methods on the run's training data), and measured on the run's
 held-out set (``data.eval``, multimodal):
 
 - ``accuracy``: exact-match accuracy of greedy answers, and its change from the float model in points;
 - ``loss``: held-out answer cross-entropy;
 - ``kl_to_float``: mean KL(float || quantized) of the next-token distributions over held-out answer tokens;
-- ``gptq_error`` / ``rtn_error``: mean relative output error of the quantized layers on their calibration
-  inputs, GPTQ's weights against round-to-nearest's on the same inputs;
+- ``layer_error`` / ``rtn_error``: mean relative output error of the compressed layers on their calibration
+  inputs, the method's weights against round-to-nearest's on the same inputs;
 - ``layer_ratio``: bytes of the quantized layers in the saved compressed-tensors checkpoint over the same
   layers in bfloat16.
 
 Scheme names are the export presets; ``-text`` calibrates on the same samples without their media (what
-text-only tools do), ``-g32`` uses groups of 32.
+text-only tools do), ``-g<N>`` uses groups of N (``w4a16-awq-g128``).
 """
 
 from __future__ import annotations
@@ -30,18 +30,24 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_SCHEMES = "float,w8a16,w4a16,w4a16-gptq,w4a16-gptq-text,w4a16-g32-gptq"
+DEFAULT_SCHEMES = (
+    "float,w8a16,w4a16,w4a16-gptq,w4a16-gptq-text,w4a16-awq,w4a16-awq-text,w8a8-rtn,w8a8,w8a8-text,fp8,fp8-kv,"
+    "sparse24,sparse24-wanda,sparse24-w4a16"
+)
 
 
 def options_for(name: str, calib_samples: int):
+    import re
+
     from mmpost.quant import PRESETS
 
-    base = name.replace("-text", "").replace("-g32", "")
+    group = re.search(r"-g(\d+)", name)
+    base = re.sub(r"-g\d+", "", name.replace("-text", ""))
     options = replace(PRESETS[base], num_samples=calib_samples)
     if "-text" in name:
         options = replace(options, calibration="text")
-    if "-g32" in name:
-        options = replace(options, group_size=32)
+    if group:
+        options = replace(options, group_size=int(group.group(1)))
     return options
 
 
@@ -96,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     from mmpost.config import load_config
     from mmpost.data.loader import read_source
     from mmpost.model.build import load_lmm
+    from mmpost.model.compressed import disk_sizes
     from mmpost.model.format import resolve_model_dir
-    from mmpost.model.quantized import disk_sizes
     from mmpost.quant import calibration_samples, quantize
 
     quiet_libraries()
@@ -116,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         row: dict = {}
         if name != "float":
             options = options_for(name, args.calib_samples)
-            samples = calibration_samples(options, None, final) if options.method == "gptq" else None
+            samples = calibration_samples(options, None, final) if options.calibrated else None
             report = quantize(model, options, samples, progress=False).summary()
             row |= {"scheme": report["scheme"], "seconds": report["seconds"]}
-            if "mean_error_gptq" in report:
-                row |= {"gptq_error": report["mean_error_gptq"], "rtn_error": report["mean_error_rtn"]}
+            if "mean_error" in report:
+                row |= {"layer_error": report["mean_error"], "rtn_error": report.get("mean_error_rtn")}
             with tempfile.TemporaryDirectory() as tmp:
                 model.save(Path(tmp) / "q")
                 row["layer_ratio"] = disk_sizes(Path(tmp) / "q")["quantized_layer_ratio"]

@@ -109,14 +109,16 @@ def export(
             elif family is not None:
                 family.export(model, tmp)
                 report["layout"] = json.loads((tmp / "config.json").read_text())["architectures"][0]
-                report["reload"] = check_hf_export(model, family, tmp, probe_list, expected)
+                report["reload"] = check_hf_export(
+                    model, family, tmp, probe_list, hf_expected(model, probe_list, expected, report)
+                )
             else:
                 model.save(tmp, merge_lora=True)
                 report["reload"] = check_mmpost_export(model, tmp, probe_list, expected)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    from mmpost.model.quantized import disk_sizes
+    from mmpost.model.compressed import disk_sizes
 
     report["size"] = disk_sizes(tmp)
     (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
@@ -168,13 +170,35 @@ def read_report(out: str | Path) -> dict[str, Any]:
     return json.loads((Path(out) / REPORT_NAME).read_text())
 
 
+def hf_expected(model: LMM, probe_list, expected: list, report: dict[str, Any]) -> list:
+    """What transformers' reload must reproduce: ``expected``, or for an FP8 KV cache the model's outputs with a
+    float cache, since transformers 5 does not quantize the KV cache of a compressed-tensors checkpoint (its
+    attention takes ``cache``, compressed-tensors 0.20 looks for ``past_key_values``); vLLM reads the scales. The
+    report says so, with how far the float cache moves the probes."""
+    state = model.quantization
+    if state is None or not state.kv_scales:
+        return expected
+    state.reinstall(model.base_llm, kv=False)
+    try:
+        float_cache = outputs(model, probe_list)
+    finally:
+        state.reinstall(model.base_llm, kv=True)
+    moved, _ = agreement(expected, float_cache)
+    report["kv_cache"] = {
+        "scales": len(state.kv_scales),
+        "checked_by": "vLLM only: transformers computes the reload with a float KV cache",
+        "fp8_vs_float_cache": moved,
+    }
+    return float_cache
+
+
 def quantize_for_export(model: LMM, spec: Any, calib, source_dir: Path | None, probe_list) -> tuple[dict, list]:
     """Runs the quantize pass on ``model``; returns how far it moved from the float model, and the quantized
     model's outputs on the probes (what the export must reproduce)."""
     from mmpost.quant import calibration_samples, load_options, quantize
 
     options = load_options(spec)
-    samples = calibration_samples(options, calib, source_dir) if options.method == "gptq" else None
+    samples = calibration_samples(options, calib, source_dir) if options.calibrated else None
     float_outputs = outputs(model, probe_list)
     report = quantize(model, options, samples)
     quantized_outputs = outputs(model, probe_list)

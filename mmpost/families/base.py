@@ -224,7 +224,7 @@ def save_weights(
     if model.quantization is None:
         hf.save_pretrained(out)
         return
-    from mmpost.model.quantized import save_compressed
+    from mmpost.model.compressed import save_compressed
 
     save_compressed(hf, out, model.quantization, rename=rename, extra_ignore=list(media_modules))
 

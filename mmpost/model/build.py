@@ -89,7 +89,7 @@ def load_lmm(path: str | Path, dtype: torch.dtype | None = None, verify: bool = 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mmpost.model.quantized import adopt_loaded
+    from mmpost.model.compressed import adopt_loaded
 
     path = Path(path)
     if not is_model_dir(path):
@@ -108,7 +108,7 @@ def load_lmm(path: str | Path, dtype: torch.dtype | None = None, verify: bool = 
     with names_damage(path / "llm", "the LLM"):
         llm = AutoModelForCausalLM.from_pretrained(path / "llm", dtype=dtype or torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path / "llm")
-    quantization = adopt_loaded(llm)
+    quantization = adopt_loaded(llm, path / "llm")
     encoders = {m: encoder(**spec) for m, spec in config["encoders"].items()}
     connectors = {m: connector(**spec) for m, spec in config["connectors"].items()}
     media_text = {m: MediaText(**t) for m, t in config["media_text"].items()} if "media_text" in config else None

@@ -121,7 +121,7 @@ def save_lmm(model: torch.nn.Module, path: str | Path, merge_lora: bool = False)
     save_file({k: v.detach().contiguous().cpu() for k, v in parts.items()}, str(tmp / PARTS_NAME))
     base = model.base_llm
     if model.quantization is not None:
-        from mmpost.model.quantized import save_compressed
+        from mmpost.model.compressed import save_compressed
 
         llm = fresh_copy(base, base_llm_state_dict(model, merge_lora=True), clone=model.quantization.layers)
         save_compressed(llm, tmp / "llm", model.quantization)

@@ -1,32 +1,47 @@
-"""The compressed-tensors checkpoint format: writing a quantized LLM, and reading one back into mmpost.
+"""How mmpost holds a compressed LLM: float weights equal to what a serving engine computes with, plus what is
+needed to write them back in the compressed-tensors format (``mmpost.model.compressed``).
 
-compressed-tensors packs the integers (eight int4 or four int8 per int32) and writes the
-``quantization_config`` that transformers (``CompressedTensorsHfQuantizer``) and vLLM read. mmpost
-holds a quantized model as float weights equal to their dequantized integers, plus each layer's scale
-and zero point (``QuantState``); packing those weights with those scales gives back the integers
-exactly, so a checkpoint reloads to the same float weights.
+A quantized layer's float weight is its dequantized integers (or FP8 values) and ``QuantState`` keeps each layer's
+scale and zero point; packing that weight with those scales gives back the integers exactly. A pruned layer's
+weight holds its zeros. Schemes that quantize activations (W8A8, FP8) or the KV cache also change what the model
+computes at run time: ``install_runtime`` hooks the LLM so that its forward quantizes the inputs of each quantized
+layer per token and the keys and values with their calibrated scales, with compressed-tensors' own arithmetic, as
+transformers and vLLM do with the checkpoint.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+SPARSITY_STRUCTURES = ("2:4", "unstructured")
+
 
 @dataclass(frozen=True)
 class WeightScheme:
-    """How a weight is quantized: integer width, symmetry, and columns per scale (None: one scale per output row)."""
+    """How a weight is quantized.
+
+    Attributes:
+        bits: 4 or 8 for integers; 8 for floats.
+        symmetric: integers around zero (one scale per group); false adds a zero point. Floats are symmetric.
+        group_size: input columns that share one scale; None gives one scale per output row.
+        type: int, or float for FP8 (E4M3, the format vLLM serves as "fp8").
+    """
 
     bits: int = 4
     symmetric: bool = True
     group_size: int | None = 64
+    type: Literal["int", "float"] = "int"
 
     def __post_init__(self) -> None:
+        if self.type not in ("int", "float"):
+            raise ValueError(f"weight type must be int or float, got {self.type!r}")
+        if self.type == "float" and (self.bits != 8 or not self.symmetric):
+            raise ValueError("float weights are FP8 (E4M3): bits 8, symmetric")
         if self.bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {self.bits}")
         if self.group_size is not None and self.group_size < 1:
@@ -36,39 +51,92 @@ class WeightScheme:
         """The compressed-tensors ``QuantizationArgs`` of this scheme, as written into the checkpoint's config."""
         from compressed_tensors.quantization import QuantizationArgs
 
+        common = {"num_bits": self.bits, "type": self.type, "symmetric": self.symmetric}
         if self.group_size is None:
-            return QuantizationArgs(num_bits=self.bits, type="int", symmetric=self.symmetric, strategy="channel")
-        return QuantizationArgs(
-            num_bits=self.bits, type="int", symmetric=self.symmetric, strategy="group", group_size=self.group_size
-        )
+            return QuantizationArgs(**common, strategy="channel")
+        return QuantizationArgs(**common, strategy="group", group_size=self.group_size)
 
     def describe(self) -> str:
-        """Short label for logs and reports, e.g. ``int4 sym g64`` or ``int8 asym per-channel``."""
+        """Short label for logs and reports, e.g. ``int4 sym g64``, ``int8 asym per-channel``, ``fp8 per-channel``."""
         layout = "per-channel" if self.group_size is None else f"g{self.group_size}"
+        if self.type == "float":
+            return f"fp8 {layout}"
         return f"int{self.bits} {'sym' if self.symmetric else 'asym'} {layout}"
 
 
-PACKED_SUFFIXES = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_g_idx")
+@dataclass(frozen=True)
+class ActivationScheme:
+    """Inputs of the quantized layers quantized at run time, one scale per token from its own absolute maximum
+    (dynamic, symmetric, 8 bits): int8 for W8A8, FP8 for W8A8-FP8."""
+
+    type: Literal["int", "float"] = "int"
+
+    def args(self):
+        from compressed_tensors.quantization import QuantizationArgs
+
+        return QuantizationArgs(num_bits=8, type=self.type, symmetric=True, strategy="token", dynamic=True)
+
+    def describe(self) -> str:
+        return f"{'int8' if self.type == 'int' else 'fp8'} dynamic per-token activations"
+
+
+def kv_cache_args():
+    """FP8 keys and values with one static scale per attention layer, what vLLM's ``kv_cache_dtype=fp8`` reads."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False)
 
 
 @dataclass
 class QuantState:
-    """A model's quantized layers: its float weights are the dequantized integers of these layers.
+    """A model's compressed layers: its float weights are the dequantized (and pruned) weights of these layers.
 
     Attributes:
-        scheme: bits, symmetry and group size, the same for every layer.
-        ignore: the regular expressions of layers kept in float (``QuantizeOptions.ignore``).
+        scheme: the weights' quantization, the same for every quantized layer; None when the layers are only
+            pruned.
+        ignore: regular expressions of layers kept in float and dense (``QuantizeOptions.ignore``).
         layers: per LLM module name (``model.layers.0.mlp.down_proj``), its ``(scale, zero_point)``.
-        method: how the integers were chosen (rtn, gptq), for reports.
+        method: how the weights were chosen (rtn, gptq, awq; with smoothquant, sparsegpt or wanda), for reports.
+        activations: the run-time quantization of the quantized layers' inputs; None for weight-only schemes.
+        sparsity: "2:4" or "unstructured" when the layers are pruned, with ``sparse_layers`` naming them and
+            ``sparsity_ratio`` the fraction of zero weights over them.
+        kv_scales: per attention module name (``model.layers.0.self_attn``), its FP8 key and value scales; empty
+            without a quantized KV cache.
+        runtime: the hooks ``install_runtime`` put on the LLM for this state.
     """
 
-    scheme: WeightScheme
+    scheme: WeightScheme | None
     ignore: list[str]
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     method: str = "rtn"
+    activations: ActivationScheme | None = None
+    sparsity: str | None = None
+    sparse_layers: list[str] = field(default_factory=list)
+    sparsity_ratio: float = 0.0
+    kv_scales: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    runtime: Any = field(default=None, repr=False, compare=False)
 
     def describe(self) -> str:
-        return f"{self.scheme.describe()} ({self.method}, {len(self.layers)} layers)"
+        parts = [self.scheme.describe()] if self.scheme else []
+        if self.activations:
+            parts.append(self.activations.describe())
+        if self.sparsity:
+            parts.append(f"{self.sparsity} sparse")
+        if self.kv_scales:
+            parts.append("fp8 kv cache")
+        count = len(self.layers) or len(self.sparse_layers)
+        return f"{', '.join(parts)} ({self.method}, {count} layers)"
+
+    def reinstall(self, llm: nn.Module, kv: bool = True) -> None:
+        """Replaces the run-time hooks on ``llm``, with (``kv``) or without the KV-cache quantization."""
+        if self.runtime is not None:
+            self.runtime.remove()
+        self.runtime = install_runtime(llm, self, kv=kv)
+
+    @property
+    def names(self) -> list[str]:
+        """Every layer the state changed, quantized or pruned."""
+        return sorted(set(self.layers) | set(self.sparse_layers))
 
 
 def ignore_patterns(ignore: Iterable[str], extra: Iterable[str] = ()) -> list[str]:
@@ -89,122 +157,107 @@ def selected_linears(model: nn.Module, ignore: Iterable[str]) -> dict[str, nn.Li
     }
 
 
-def save_compressed(
-    hf_model: nn.Module,
-    out: Path,
-    state: QuantState,
-    rename: Callable[[str], str] = lambda name: name,
-    extra_ignore: Iterable[str] = (),
-) -> None:
-    """Packs ``hf_model``'s quantized layers and writes it with ``save_pretrained`` plus its quantization config.
+def attention_modules(llm: nn.Module) -> dict[str, nn.Module]:
+    """The LLM's attention modules whose keys and values a KV cache holds: those with a ``k_proj`` and a
+    ``v_proj`` and a cache argument."""
+    import inspect
 
-    ``hf_model`` is a fresh transformers model holding the quantized float weights (it is changed: its
-    layers are replaced by packed ones). ``rename`` maps mmpost's LLM module names to ``hf_model``'s; the
-    ``extra_ignore`` patterns keep its other parts (vision tower, projector) in float.
-
-    Raises:
-        ValueError: if the layers compressed-tensors would quantize differ from the quantized ones.
-    """
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (
-        QuantizationConfig,
-        QuantizationScheme,
-        QuantizationStatus,
-        apply_quantization_config,
-    )
-
-    ignore = ignore_patterns(state.ignore, extra_ignore)
-    config = QuantizationConfig(
-        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=state.scheme.args())},
-        ignore=ignore,
-        quantization_status=QuantizationStatus.INITIALIZED,
-    )
-    apply_quantization_config(hf_model, config, show_progress=False)
-    expected = {rename(name): params for name, params in state.layers.items()}
-    marked = {name for name, module in hf_model.named_modules() if hasattr(module, "quantization_scheme")}
-    if marked != set(expected):
-        raise ValueError(
-            f"the checkpoint would quantize other layers than mmpost did: only in the checkpoint "
-            f"{sorted(marked - set(expected))[:3]}, only in mmpost {sorted(set(expected) - marked)[:3]}"
-        )
-    for name, (scale, zero_point) in expected.items():
-        module = hf_model.get_submodule(name)
-        module.weight_scale.data = scale.to(module.weight_scale.dtype)
-        if hasattr(module, "weight_zero_point"):
-            module.weight_zero_point.data = zero_point.to(module.weight_zero_point.dtype)
-    compressor = ModelCompressor.from_pretrained_model(hf_model, quantization_format="pack-quantized")
-    compressor.compress_model(hf_model)
-    hf_model.save_pretrained(out)
-    # The ignore list compressed-tensors derives uses checkpoint key names, which differ from module
-    # names at load time for composite models (LLaVA); ours matches both.
-    compressor.quantization_config.ignore = ignore
-    compressor.update_config(str(out))
-
-
-def adopt_loaded(llm: nn.Module) -> QuantState | None:
-    """Turns a transformers model loaded from a compressed-tensors checkpoint into a plain float model.
-
-    Its layers get their dequantized weights and lose the quantization parameters; the scales and zero
-    points move into the returned ``QuantState`` (None when ``llm`` is not quantized). Afterwards the
-    model runs like any float model, through any of its submodules (the decompression hook transformers
-    installs fires only on the top-level forward).
-    """
-    quantizer = getattr(llm, "hf_quantizer", None)
-    if quantizer is None or getattr(quantizer, "compressor", None) is None:
-        return None
-    quantizer.compressor.decompress_model(llm)
-    ct = quantizer.compressor.quantization_config
-    scheme_args = next(iter(ct.config_groups.values())).weights
-    scheme = WeightScheme(bits=scheme_args.num_bits, symmetric=scheme_args.symmetric, group_size=scheme_args.group_size)
-    ignore = [p.removeprefix("re:.*") for p in ct.ignore if p.startswith("re:.*")]
-    state = QuantState(scheme=scheme, ignore=ignore, method="loaded")  # the checkpoint does not say rtn or gptq
+    out = {}
     for name, module in llm.named_modules():
-        if not hasattr(module, "quantization_scheme"):
-            continue
-        scale = module.weight_scale.detach().float()
-        zero = getattr(module, "weight_zero_point", None)
-        state.layers[name] = (
-            scale,
-            zero.detach().clone() if zero is not None else torch.zeros_like(scale, dtype=torch.int8),
-        )
-        for param in ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"):
-            if hasattr(module, param):
-                delattr(module, param)
-        for attr in ("quantization_scheme", "quantization_status"):
-            if hasattr(module, attr):
-                delattr(module, attr)
-    llm.hf_quantizer = None
-    if hasattr(llm.config, "quantization_config"):
-        del llm.config.quantization_config
-    return state
+        if hasattr(module, "k_proj") and hasattr(module, "v_proj") and "attention" in type(module).__name__.lower():
+            parameters = inspect.signature(module.forward).parameters
+            if any(n in parameters for n in ("cache", "past_key_values", "past_key_value")):
+                out[name] = module
+    return out
 
 
-def disk_sizes(out: Path) -> dict[str, Any]:
-    """Bytes on disk of a directory, and of its packed layers against the same layers in bfloat16."""
-    from safetensors import safe_open
+class KVStandIn:
+    """Takes the place of an attention module's cache argument for one call: keys and values (after rotary
+    embedding) go through ``transform`` before the real cache, if any, stores them; with no real cache they are
+    returned, which is what the attention then uses. Quantizing here is what an FP8 KV cache does: the stored keys
+    and values are FP8, the queries are not."""
 
-    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    packed = 0
-    bf16 = 0
-    for path in out.rglob("*.safetensors"):
-        with safe_open(str(path), "pt") as f:
-            for key in f.keys():
-                if not key.endswith(PACKED_SUFFIXES):
-                    continue
-                tensor_slice = f.get_slice(key)
-                numel = 1
-                for dim in tensor_slice.get_shape():
-                    numel *= dim
-                packed += numel * _DTYPE_BYTES[tensor_slice.get_dtype()]
-                if key.endswith(".weight_shape"):
-                    rows, cols = f.get_tensor(key).tolist()
-                    bf16 += rows * cols * 2
-    return {
-        "bytes_on_disk": total,
-        "quantized_layer_bytes": packed,
-        "quantized_layer_bf16_bytes": bf16,
-        "quantized_layer_ratio": round(packed / bf16, 4) if bf16 else None,
-    }
+    def __init__(self, transform: Callable, real: Any = None) -> None:
+        self.transform, self.real = transform, real
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, *args, **kwargs):
+        key, value = self.transform(key, value)
+        if self.real is not None:
+            return self.real.update(key, value, *args, **kwargs)
+        return key, value
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["real"], name)
 
 
-_DTYPE_BYTES = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "F32": 4, "BF16": 2, "F16": 2}
+def hook_kv(module: nn.Module, transform: Callable):
+    """Routes ``module``'s keys and values through ``transform(key, value) -> (key, value)`` on every forward."""
+    import inspect
+
+    parameters = inspect.signature(module.forward).parameters
+    arg = next((n for n in ("cache", "past_key_values", "past_key_value") if n in parameters), None)
+    if arg is None:
+        raise ValueError(f"{type(module).__name__}: its forward takes no cache argument to quantize keys and values in")
+
+    def stand_in(_module: nn.Module, args: tuple, kwargs: dict):
+        kwargs[arg] = KVStandIn(transform, kwargs.get(arg))
+        return args, kwargs
+
+    return module.register_forward_pre_hook(stand_in, with_kwargs=True)
+
+
+class Runtime:
+    """The hooks one ``install_runtime`` call added, so that they can be taken off again."""
+
+    def __init__(self) -> None:
+        self.handles: list = []
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def install_runtime(llm: nn.Module, state: QuantState, kv: bool = True) -> Runtime:
+    """Makes ``llm`` compute as a serving engine does with ``state``'s checkpoint: the inputs of each quantized
+    layer quantized per token (W8A8, FP8), and keys and values, after rotary embedding, quantized with their
+    FP8 scales. Weight-only and pruned layers need nothing: their weights already are what the engine uses.
+
+    The arithmetic is compressed-tensors' (``forward_quantize``, ``fake_quantize``), the code transformers runs on a
+    reload for the activations (transformers 5 does not quantize the KV cache of a reload; vLLM does). ``kv``
+    false leaves the KV cache in float, to compare with such a reload.
+    """
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize, forward_quantize
+
+    runtime = Runtime()
+    if state.activations is not None:
+        args = state.activations.args()
+
+        def quantize_input(module: nn.Module, inputs: tuple):
+            return (_quantize_dynamic(module, inputs[0], args, forward_quantize), *inputs[1:])
+
+        for name in state.layers:
+            runtime.handles.append(llm.get_submodule(name).register_forward_pre_hook(quantize_input))
+    kv_args = kv_cache_args()
+    for name, (k_scale, v_scale) in (state.kv_scales if kv else {}).items():
+
+        def fp8_kv(key, value, k_scale=k_scale, v_scale=v_scale):
+            k, v = k_scale.to(key.device), v_scale.to(value.device)
+            return fake_quantize(key, k, None, kv_args), fake_quantize(value, v, None, kv_args)
+
+        runtime.handles.append(hook_kv(llm.get_submodule(name), fp8_kv))
+    return runtime
+
+
+def _quantize_dynamic(module: nn.Module, value: torch.Tensor, args, forward_quantize) -> torch.Tensor:
+    """``value`` quantized per token as compressed-tensors' quantized forward does (it reads the module's status)."""
+    from compressed_tensors.quantization import QuantizationStatus
+
+    status = getattr(module, "quantization_status", None)
+    if status is None:  # forward_quantize reads it to skip weights only; a plain module has none
+        module.quantization_status = QuantizationStatus.FROZEN
+    try:
+        return forward_quantize(module, value, "input", args)
+    finally:
+        if status is None:
+            del module.quantization_status

@@ -1,15 +1,17 @@
-"""The quantize pass: weight-only int8 / int4 quantization of the LLM inside an LMM, in place.
+"""The quantize pass: compression of the LLM inside an LMM, in place.
 
-The LLM's linear layers get float weights equal to their dequantized integers, so the model runs and
-evaluates as before and its logits are those a serving engine computes from the packed checkpoint;
-``model.quantization`` keeps the scales for saving (``mmpost.model.quantized``). Encoders, connectors,
-embeddings and, by default, ``lm_head`` stay in float.
+The LLM's linear layers get float weights equal to what the compressed checkpoint holds (dequantized integers
+or FP8 values, pruned weights zero), so the model runs and evaluates as before and its logits are those a serving
+engine computes from the checkpoint; activation and KV-cache quantization are hooks on the LLM
+(``mmpost.model.quantized.install_runtime``). ``model.quantization`` keeps the scales for saving. Encoders,
+connectors, embeddings and, by default, ``lm_head`` stay in float.
 
-GPTQ goes layer by layer: for decoder layer i, the calibration batches run through the whole LMM (media
-encoded and connected, earlier layers already quantized) up to layer i, its linear layers' input
-statistics are gathered, and its weights are quantized. Running from the start for every layer costs
-more than replaying stored layer inputs, but works for any decoder and for fusion connectors, whose
-cross-attention runs inside the decoder's layers.
+Calibrated methods go decoder layer by decoder layer: for layer i, the calibration batches run through the whole
+LMM (media encoded and connected, earlier layers already compressed) up to layer i and its linear layers' inputs
+are gathered. In a layer, SmoothQuant or AWQ scales come first (from the layer's float inputs), then the inputs
+are gathered again through the scaled layer, then pruning (SparseGPT, Wanda), then rounding (GPTQ, or round to
+nearest). Running from the start for every layer costs more than replaying stored layer inputs, but works for any
+decoder and for fusion connectors, whose cross-attention runs inside the decoder's layers.
 """
 
 from __future__ import annotations
@@ -25,17 +27,20 @@ from tqdm.auto import tqdm
 from mmpost.data.sample import Sample
 from mmpost.model.lmm import LMM
 from mmpost.model.lora import merge_adapters
-from mmpost.model.quantized import QuantState, selected_linears
+from mmpost.model.quantized import QuantState, install_runtime, selected_linears
 from mmpost.quant.calibrate import calibration_batches, layer_inputs
-from mmpost.quant.methods import check_group_size, gptq, reconstruction_error, rtn
+from mmpost.quant.kv import kv_scales
+from mmpost.quant.methods import QuantizedWeight, check_group_size, gptq, reconstruction_error, rtn
 from mmpost.quant.options import QuantizeOptions
+from mmpost.quant.prune import check_structure, sparsegpt, wanda
+from mmpost.quant.smooth import apply_scales, awq_search, mappings, smoothquant_scales
 
 log = logging.getLogger("mmpost")
 
 NO_MEDIA_WARNING = (
     "calibration: the model reads {modalities} but no calibration sample has media, so the LLM is calibrated "
-    "on text activations only and never sees the media tokens it gets in serving; GPTQ then fits its "
-    "rounding to text. Pass samples with media (the training data of the run) unless that is what you want"
+    "on text activations only and never sees the media tokens it gets in serving; the method then fits "
+    "it to text. Pass samples with media (the training data of the run) unless that is what you want"
 )
 
 
@@ -49,8 +54,11 @@ class QuantReport:
         samples: calibration samples used (0 for rtn).
         rows, media_rows: input rows (tokens) of the calibration set, and how many were media tokens.
         media_rows_by_layer: gptq only; media-token rows each quantized layer received.
-        errors: gptq only; per layer, the relative output error on its calibration inputs of GPTQ's
-            weights and of round-to-nearest's on the same inputs.
+        errors: calibrated methods; per layer, the relative output error on its calibration inputs of the
+            compressed weights (``final``) and of round-to-nearest's alone on the same inputs (``rtn``; absent
+            when the weights stay float).
+        smoothing: per smoothed group of layers (named by its first), AWQ's chosen ratio and its parent's output
+            error against round-to-nearest's, or SmoothQuant's largest scale.
         seconds: time taken.
     """
 
@@ -60,14 +68,18 @@ class QuantReport:
     rows: int = 0
     media_rows: int = 0
     errors: dict[str, dict[str, float]] = field(default_factory=dict)
+    smoothing: dict[str, dict[str, float]] = field(default_factory=dict)
+    sparsity: float | None = None
     media_rows_by_layer: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
     def summary(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k not in ("errors", "media_rows_by_layer")}
+        hidden = ("errors", "media_rows_by_layer", "smoothing")
+        out = {k: v for k, v in asdict(self).items() if k not in hidden and v is not None}
         if self.errors:
-            out["mean_error_gptq"] = sum(e["gptq"] for e in self.errors.values()) / len(self.errors)
-            out["mean_error_rtn"] = sum(e["rtn"] for e in self.errors.values()) / len(self.errors)
+            out["mean_error"] = sum(e["final"] for e in self.errors.values()) / len(self.errors)
+            if all("rtn" in e for e in self.errors.values()):
+                out["mean_error_rtn"] = sum(e["rtn"] for e in self.errors.values()) / len(self.errors)
         return out
 
 
@@ -78,14 +90,15 @@ def is_quantized(model: LMM) -> bool:
 def quantize(
     model: LMM, options: QuantizeOptions, samples: list[Sample] | None = None, progress: bool = True
 ) -> QuantReport:
-    """Quantizes ``model``'s LLM in place (LoRA adapters are merged first) and returns what was done.
+    """Compresses ``model``'s LLM in place (LoRA adapters are merged first) and returns what was done.
 
     Args:
-        samples: calibration conversations with their media; needed by gptq, unused by rtn.
+        samples: calibration conversations with their media; needed by every method but plain rtn.
 
     Raises:
-        ValueError: when the model is already quantized, when gptq has no samples, when a group size does
-            not divide a layer's input width (naming the layer), or when a tied ``lm_head`` is selected.
+        ValueError: before any work, when the model is already quantized, when a calibrated method has no
+            samples, when a group size or a 2:4 pattern does not fit a layer's input width (naming the layer),
+            or when a tied ``lm_head`` is selected.
     """
     if is_quantized(model):
         held = model.quantization.describe() if model.quantization else "a quantization_config"
@@ -93,8 +106,10 @@ def quantize(
             f"the model is already quantized ({held}); quantizing its dequantized weights again would compound "
             "the rounding error. Quantize the float model it came from"
         )
-    if options.method == "gptq" and not samples:
-        raise ValueError("gptq needs calibration samples (--calib, or a run whose training data it can use)")
+    if options.calibrated and not samples:
+        raise ValueError(
+            f"{options.method_label()} needs calibration samples (--calib, or a run whose training data it can use)"
+        )
     start = time.perf_counter()
     model.eval()
     if model.has_lora:
@@ -107,64 +122,134 @@ def quantize(
     for name, module in linears.items():
         if module is tied and getattr(model.base_llm.config, "tie_word_embeddings", False):
             raise ValueError(f"{name} shares its weights with the input embeddings; keep it in ignore")
-        check_group_size(name, module.in_features, options.scheme)
-    state = QuantState(scheme=options.scheme, ignore=list(options.ignore), method=options.method)
+        if options.scheme is not None:
+            check_group_size(name, module.in_features, options.scheme)
+        if options.pruned:
+            check_structure(name, module.in_features, options.sparsity_structure)
+    state = QuantState(
+        scheme=options.scheme,
+        ignore=list(options.ignore),
+        method=options.method_label(),
+        activations=options.activation_scheme,
+        sparsity=options.sparsity_structure if options.pruned else None,
+    )
     report = QuantReport(scheme=options.describe(), layers=len(linears))
     with torch.no_grad():
-        if options.method == "rtn":
+        if not options.calibrated:
             for name, module in linears.items():
                 set_weight(module, rtn(module.weight, options.scheme), state, name)
         else:
-            run_gptq(model, options, samples, linears, state, report, progress)
+            batches = calibration_batches(
+                model,
+                samples,
+                options.num_samples,
+                options.batch_size,
+                options.max_length,
+                options.calibration == "text",
+            )
+            if model.modalities and options.calibration != "text" and not any(b.media for b in batches):
+                log.warning(NO_MEDIA_WARNING.format(modalities=", ".join(model.modalities)))
+            report.samples = sum(len(b.ids) for b in batches)
+            if options.bits is not None or options.pruned:
+                compress_layers(model, options, batches, linears, state, report, progress)
+            if options.kv_cache:
+                state.kv_scales = kv_scales(model, batches)
+    if options.pruned:
+        zeros = sum(int((linears[n].weight == 0).sum()) for n in state.sparse_layers)
+        state.sparsity_ratio = zeros / sum(linears[n].weight.numel() for n in state.sparse_layers)
+        report.sparsity = round(state.sparsity_ratio, 4)
     model.quantization = state
+    state.runtime = install_runtime(model.base_llm, state)
     report.seconds = round(time.perf_counter() - start, 2)
-    log.info("quantized %d layers: %s", len(linears), report.summary())
+    log.info("compressed %d layers: %s", len(linears), report.summary())
     return report
 
 
-def set_weight(module: torch.nn.Linear, quantized, state: QuantState, name: str) -> None:
+def set_weight(module: torch.nn.Linear, quantized: QuantizedWeight, state: QuantState, name: str) -> None:
     module.weight.data.copy_(quantized.weight.to(module.weight.dtype))
     state.layers[name] = (quantized.scale, quantized.zero_point)
 
 
-def run_gptq(
+def compress_layers(
     model: LMM,
     options: QuantizeOptions,
-    samples: list[Sample],
+    batches: list,
     linears: dict[str, torch.nn.Linear],
     state: QuantState,
     report: QuantReport,
     progress: bool,
 ) -> None:
-    """GPTQ decoder layer by decoder layer; selected linears outside the decoder layers get rtn."""
-    text = options.calibration == "text"
-    if model.modalities and not text and not any(s.media for s in samples[: options.num_samples]):
-        log.warning(NO_MEDIA_WARNING.format(modalities=", ".join(model.modalities)))
-    batches = calibration_batches(model, samples, options.num_samples, options.batch_size, options.max_length, text)
-    report.samples = sum(len(b.ids) for b in batches)
+    """The calibrated methods, decoder layer by decoder layer; selected linears outside the decoder layers (none in
+    the usual layout, ``lm_head`` being ignored) get round-to-nearest and stay dense."""
     by_module = {id(m): name for name, m in linears.items()}
+    names = {id(m): name for name, m in model.base_llm.named_modules()}
     done: set[str] = set()
     layers = model.base_llm.get_decoder().layers
-    for layer in tqdm(layers, desc="gptq", unit="layer", disable=not progress):
+    for layer in tqdm(layers, desc=options.method_label(), unit="layer", disable=not progress):
         mine = {by_module[id(m)]: m for m in layer.modules() if id(m) in by_module}
         if not mine:
             continue
-        stats = layer_inputs(model, batches, layer, mine)
+        if options.smoothing is not None or (options.method == "awq" and options.bits is not None):
+            smooth_layer(model, options, batches, layer, names[id(layer)], mine, report)
+        stats, _ = layer_inputs(model, batches, layer, mine)
         for name, module in mine.items():
-            entry = stats[name]
-            weight = module.weight.detach().float()
-            quantized = gptq(
-                weight, entry.hessian, options.scheme, options.block_size, options.dampening, options.act_order
-            )
-            report.errors[name] = {
-                "gptq": reconstruction_error(weight, quantized.weight.float(), entry.hessian),
-                "rtn": reconstruction_error(weight, rtn(weight, options.scheme).weight.float(), entry.hessian),
-            }
-            set_weight(module, quantized, state, name)
+            compress_one(name, module, stats[name].hessian, options, state, report)
+            report.media_rows_by_layer[name] = stats[name].media_rows
             done.add(name)
-            report.media_rows_by_layer[name] = entry.media_rows
         first = next(iter(stats.values()))  # every layer sees the same tokens
         report.rows, report.media_rows = first.rows, first.media_rows
     for name in linears.keys() - done:
         log.info("quantize: %s is outside the decoder layers and gets round-to-nearest", name)
-        set_weight(linears[name], rtn(linears[name].weight, options.scheme), state, name)
+        if options.scheme is not None:
+            set_weight(linears[name], rtn(linears[name].weight, options.scheme), state, name)
+
+
+def smooth_layer(model: LMM, options: QuantizeOptions, batches, layer, prefix: str, mine: dict, report) -> None:
+    """SmoothQuant's, then AWQ's scales for the decoder layer's pairs, from its float inputs."""
+    pairs = mappings(layer, prefix, mine)
+    awq = options.method == "awq"
+    parents = [p.parent for p in pairs] if awq else []
+    stats, cached = layer_inputs(model, batches, layer, {p.names[0]: p.balance[0] for p in pairs}, parents)
+    for pair, replay in zip(pairs, cached if awq else [None] * len(pairs), strict=True):
+        first = pair.names[0]
+        if options.smoothing is not None and pair.norm_fed:
+            scales = smoothquant_scales(pair, stats[first].abs_max, options.smoothing)
+            apply_scales(pair, scales)
+            report.smoothing[first] = {"smoothquant_max_scale": float(scales.max())}
+        if awq:
+            # the mean input AWQ weighs channels by, as the layers see it after any SmoothQuant scaling
+            act_mean = stats[first].abs_mean
+            if first in report.smoothing:
+                act_mean = act_mean / scales.to(act_mean.device)
+            found = awq_search(pair, act_mean, replay.replay, options.scheme, options.awq_grid)
+            apply_scales(pair, found.scales)
+            report.smoothing[first] = {"awq_ratio": found.ratio, "error": found.error, "rtn": found.identity_error}
+
+
+def compress_one(name: str, module, hessian: torch.Tensor, options: QuantizeOptions, state: QuantState, report):
+    """Prunes, then rounds, one layer on its calibration inputs; records its output error."""
+    weight = module.weight.detach().float().clone()  # the float weight, kept for the error once it is replaced
+    current, mask = weight, None
+    if options.pruned:
+        if options.pruning == "wanda":
+            current, mask = wanda(weight, torch.diagonal(hessian), options.sparsity, options.sparsity_structure)
+        else:
+            current, mask = sparsegpt(
+                weight, hessian, options.sparsity, options.sparsity_structure, options.block_size, options.dampening
+            )
+        state.sparse_layers.append(name)
+    errors = {}
+    if options.scheme is None:
+        module.weight.data.copy_(current.to(module.weight.dtype))
+        final = current
+    else:
+        if options.method == "gptq":
+            quantized = gptq(
+                current, hessian, options.scheme, options.block_size, options.dampening, options.act_order, mask
+            )
+        else:
+            quantized = rtn(current, options.scheme)
+        set_weight(module, quantized, state, name)
+        final = quantized.weight.float()
+        errors["rtn"] = reconstruction_error(weight, rtn(weight, options.scheme).weight.float(), hessian)
+    report.errors[name] = {"final": reconstruction_error(weight, final, hessian), **errors}

@@ -61,17 +61,42 @@ def calibration_batches(
 
 @dataclass
 class InputStats:
-    """What one linear layer received over the calibration set.
+    """What one linear layer received over the calibration set (real tokens only, padding excluded).
 
     Attributes:
-        hessian: sum of ``x xᵀ`` over its input rows (real tokens only, padding excluded), float32.
+        hessian: sum of ``x xᵀ`` over its input rows, float32.
+        abs_max: per input channel, the largest ``|x|`` (SmoothQuant).
+        abs_sum: per input channel, the sum of ``|x|`` (AWQ's mean activation is ``abs_sum / rows``).
         rows: input rows (tokens) seen.
         media_rows: of those, rows at media-token positions.
     """
 
     hessian: torch.Tensor
+    abs_max: torch.Tensor
+    abs_sum: torch.Tensor
     rows: int = 0
     media_rows: int = 0
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.rows, 1)
+
+
+@dataclass
+class ParentInputs:
+    """A module's calibration calls, to run it again on the same inputs: per batch its arguments and which of its
+    output positions are real tokens."""
+
+    module: nn.Module
+    calls: list[tuple[tuple, dict, torch.Tensor]]
+
+    @torch.no_grad()
+    def replay(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        outs = []
+        for args, kwargs, keep in self.calls:
+            out = self.module(*args, **kwargs)
+            outs.append((out[0] if isinstance(out, tuple) else out, keep))
+        return outs
 
 
 class _Stop(Exception):
@@ -80,24 +105,44 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def layer_inputs(
-    model: LMM, batches: list[dict], layer: nn.Module, linears: dict[str, nn.Linear]
-) -> dict[str, InputStats]:
+    model: LMM,
+    batches: list[dict],
+    layer: nn.Module,
+    linears: dict[str, nn.Linear],
+    parents: list[nn.Module] = (),
+) -> tuple[dict[str, InputStats], list[ParentInputs]]:
     """Runs ``batches`` through the whole LMM up to decoder layer ``layer`` and gathers the inputs of its
-    ``linears``. Earlier layers are already quantized when GPTQ goes layer by layer, so each layer
-    compensates the error of those before it."""
+    ``linears``, and the calls of ``parents`` (modules inside the layer) for replaying them. Earlier layers are
+    already quantized when the pass goes layer by layer, so each layer compensates the error of those before it."""
     placeholder_ids = torch.tensor(list(model.placeholder_ids.values()))
     device = next(model.parameters()).device
-    stats = {name: InputStats(torch.zeros(m.in_features, m.in_features, device=device)) for name, m in linears.items()}
+    stats = {
+        name: InputStats(
+            torch.zeros(m.in_features, m.in_features, device=device),
+            torch.zeros(m.in_features, device=device),
+            torch.zeros(m.in_features, device=device),
+        )
+        for name, m in linears.items()
+    }
+    cached = [ParentInputs(p, []) for p in parents]
     current: dict[str, torch.Tensor] = {}
 
     def gather(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            rows = x[current["keep"]].float()
+            rows = args[0][current["keep"]].float()
             entry = stats[name]
             entry.hessian += rows.T @ rows
+            magnitude = rows.abs()
+            entry.abs_max = torch.maximum(entry.abs_max, magnitude.amax(dim=0)) if len(rows) else entry.abs_max
+            entry.abs_sum += magnitude.sum(dim=0)
             entry.rows += rows.shape[0]
             entry.media_rows += int(current["media"].sum())
+
+        return hook
+
+    def record(parent: ParentInputs):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            parent.calls.append((args, dict(kwargs), current["keep"]))
 
         return hook
 
@@ -105,6 +150,7 @@ def layer_inputs(
         raise _Stop
 
     handles = [m.register_forward_pre_hook(gather(name)) for name, m in linears.items()]
+    handles += [p.module.register_forward_pre_hook(record(p), with_kwargs=True) for p in cached]
     handles.append(layer.register_forward_hook(stop))
     try:
         for batch in batches:
@@ -118,7 +164,7 @@ def layer_inputs(
     finally:
         for handle in handles:
             handle.remove()
-    return stats
+    return stats, cached
 
 
 def calibration_samples(options, calib: str | Path | DataSourceConfig | None, source_dir: Path | None) -> list[Sample]:
@@ -142,8 +188,8 @@ def calibration_samples(options, calib: str | Path | DataSourceConfig | None, so
         log.info("calibration: the run's training data, %s", source.path)
     if not source.path:
         raise ValueError(
-            "gptq needs calibration samples: pass --calib DATA (a .json / .jsonl file, shards, or a run config), "
-            "or export a run directory, whose training data is then used"
+            f"{options.method_label()} needs calibration samples: pass --calib DATA (a .json / .jsonl file, shards, "
+            "or a run config), or export a run directory, whose training data is then used"
         )
     samples = read_source(source, "calib")
     if samples is None:

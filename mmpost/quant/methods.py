@@ -86,7 +86,8 @@ def _qparams(weight: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor
 
 
 def rtn(weight: torch.Tensor, scheme: WeightScheme) -> QuantizedWeight:
-    """Round-to-nearest: each group's (or row's) scale from its min and max, then round every weight on its own."""
+    """Round-to-nearest: each group's (or row's) scale from its min and max, then round every weight on its own.
+    A weight's zeros (a pruned weight's) stay zero."""
     check_group_size("weight", weight.shape[1], scheme)
     args = scheme.args()
     full = weight.float()
@@ -119,6 +120,7 @@ def gptq(
     block_size: int = 128,
     dampening: float = 0.01,
     act_order: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """GPTQ (Frantar et al. 2022): quantize columns one at a time, moving each one's rounding error onto the columns
     not yet quantized so as to minimise the output error ``||(W - Q) X^T||`` on the calibration inputs.
@@ -131,6 +133,8 @@ def gptq(
         block_size: columns per lazy batch update (rounded down to a multiple of the group size); a speed setting.
         dampening: fraction of the mean Hessian diagonal added to the diagonal.
         act_order: quantize columns in order of decreasing ``H_ii``, the most active inputs first.
+        mask: ``[out, in]``, True at weights pruned before quantization: they stay zero (zero is exact in every
+            scheme), and the error of zeroing them moves onto later columns as any rounding error does.
 
     Groups without ``act_order`` take their scale and zero point from the group's current weights, already
     corrected by the earlier columns, when the loop reaches the group's first column. With ``act_order`` a group's
@@ -175,6 +179,7 @@ def gptq(
 
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(cols, device=w.device)
     w, h = w[:, perm], h[perm][:, perm]
+    pruned = mask[:, perm].to(w.device) if mask is not None else None
     group_of = (perm // group).tolist()  # group of the original column, per processed position
     upper = _inverse_cholesky(h, dampening)
 
@@ -192,6 +197,8 @@ def gptq(
                 scale[:, g], zero_point[:, g] = s[:, 0], z[:, 0]
             column = w_blk[:, i : i + 1]  # [out, 1]
             quantized = fake_quantize(column, scale[:, g : g + 1], zero_point[:, g : g + 1], column_args)
+            if pruned is not None:
+                quantized = quantized.masked_fill(pruned[:, start + i : start + i + 1], 0.0)
             out[:, start + i] = quantized[:, 0]
             err = (column[:, 0] - quantized[:, 0]) / u_blk[i, i]
             w_blk[:, i + 1 :] -= torch.outer(err, u_blk[i, i + 1 :])

@@ -1,0 +1,230 @@
+"""mmpost's compression methods against llm-compressor's on the same decoder layer and the same inputs.
+
+    python tools/quant_reference.py RUN --reference-python VENV/bin/python [--layer 1] [--recipes a,b]
+                                    [--calib-samples 32] [--held-out 16] [--group-size 64] [--json out.json]
+
+The hidden states that enter decoder layer ``--layer`` of a finished run's model (``RUN/final``) are gathered
+on multimodal samples (the run's training data for calibration, its held-out data for measuring), run through
+the encoder and connector as in serving. That layer becomes a one-layer Llama fed those states as
+``inputs_embeds`` (a "bundle"); llm-compressor (``tools/llmc_reference.py``, run by ``--reference-python``, a
+separate environment since llm-compressor pins other versions of torch, transformers and compressed-tensors)
+and mmpost (``mmpost.quant``'s own layer-by-layer code, unchanged) compress it on the calibration states, and both
+are measured with the same code on the held-out states: per linear layer, ``sum((y_q - y_f)^2) / sum(y_f^2)``.
+``ratio`` is mmpost's error over llm-compressor's; the acceptance bar is ratio <= 1.10 on every layer.
+
+mmpost runs GPTQ with ``act_order`` on, as llm-compressor's GPTQ does by default (static groups).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import llmc_reference  # noqa: E402  (the measuring code, shared with the reference side)
+
+RECIPES = {
+    "gptq_w4a16": ("w4a16-gptq", {"act_order": True}),
+    "awq_w4a16": ("w4a16-awq", {}),
+    "w8a8_smoothquant": ("w8a8", {"act_order": True}),
+    "w8a8_smoothquant_rtn": ("w8a8-rtn", {"smoothing": 0.5}),
+    "fp8_dynamic": ("fp8", {}),
+    "sparsegpt_2of4": ("sparse24", {}),
+    "wanda_2of4": ("sparse24-wanda", {}),
+    "sparsegpt_unstructured": ("sparse24", {"sparsity": 0.5, "sparsity_structure": "unstructured"}),
+    "sparsegpt_2of4_w4a16": ("sparse24-w4a16", {"act_order": True}),
+}
+
+
+def layer_states(model, samples, layer_index: int) -> list[dict]:
+    """The hidden states entering decoder layer ``layer_index``, one sample at a time (no padding)."""
+    from mmpost.data.pipeline import ConversationPipeline
+
+    layer = model.base_llm.get_decoder().layers[layer_index]
+    pipeline = ConversationPipeline.for_model(model, 4096)
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["x"] = (args[0] if args else kwargs["hidden_states"]).detach().float().clone()
+        raise StopIteration
+
+    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    out = []
+    try:
+        with torch.no_grad():
+            for sample in samples:
+                batch = pipeline.collate([pipeline.process(sample)])
+                try:
+                    model.hidden_states(batch.input_ids, batch.attention_mask, batch.media)
+                except StopIteration:
+                    pass
+                out.append({"inputs_embeds": seen["x"], "attention_mask": batch.attention_mask.long()})
+    finally:
+        handle.remove()
+    return out
+
+
+def make_bundle(model, layer_index: int, calib: list, held_out: list) -> dict:
+    """The one-layer Llama holding decoder layer ``layer_index`` of ``model``'s LLM, and its inputs."""
+    base = model.base_llm
+    config = base.config.to_dict() | {"num_hidden_layers": 1, "tie_word_embeddings": False}
+    config.pop("quantization_config", None)
+    prefix = f"model.layers.{layer_index}."
+    state = {}
+    for key, value in base.state_dict().items():
+        if key.startswith(prefix):
+            state["model.layers.0." + key[len(prefix) :]] = value.float()
+        elif not key.startswith("model.layers."):
+            state[key] = value.float()
+    state.setdefault("lm_head.weight", base.get_output_embeddings().weight.float())
+    return {"config": config, "state_dict": state, "calib": calib, "held_out": held_out}
+
+
+@dataclass
+class _Batch:
+    """A calibration batch of hidden states, shaped as mmpost's calibration code reads a batch."""
+
+    ids: list
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    media: dict
+
+    def to(self, device):
+        return self
+
+
+class _OneLayer:
+    """The parts of an LMM that mmpost's calibration touches, over a one-layer LLM fed hidden states."""
+
+    def __init__(self, llm):
+        self.base_llm, self.placeholder_ids, self.modalities = llm, {}, []
+
+    def parameters(self):
+        return self.base_llm.parameters()
+
+    def hidden_states(self, input_ids, attention_mask, media):
+        return self.base_llm.model(inputs_embeds=media["embeds"], attention_mask=attention_mask, use_cache=False)
+
+
+def one_layer_model(bundle: dict):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{k: v for k, v in bundle["config"].items() if k not in ("architectures", "model_type")})
+    config._attn_implementation = "eager"
+    llm = LlamaForCausalLM(config).float().eval()
+    llm.load_state_dict(bundle["state_dict"], strict=False)
+    return llm
+
+
+def mmpost_errors(bundle: dict, options) -> dict:
+    from mmpost.model.quantized import QuantState, install_runtime, selected_linears
+    from mmpost.quant.apply import QuantReport, compress_layers
+
+    float_llm, llm = one_layer_model(bundle), one_layer_model(bundle)
+    batches = [
+        _Batch(
+            [0],
+            torch.zeros(s["attention_mask"].shape, dtype=torch.long),
+            s["attention_mask"],
+            {"embeds": s["inputs_embeds"]},
+        )
+        for s in bundle["calib"]
+    ]
+    linears = selected_linears(llm, options.ignore)
+    state = QuantState(
+        scheme=options.scheme,
+        ignore=list(options.ignore),
+        method=options.method_label(),
+        activations=options.activation_scheme,
+        sparsity=options.sparsity_structure if options.pruned else None,
+    )
+    with torch.no_grad():
+        compress_layers(_OneLayer(llm), options, batches, linears, state, QuantReport("", len(linears)), False)
+    install_runtime(llm, state)
+    errors, _ = llmc_reference.held_out_errors(float_llm, llm, bundle["held_out"])
+    return errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="a finished run directory (final/ and config.yaml)")
+    parser.add_argument("--reference-python", required=True, help="python of an environment with llmcompressor")
+    parser.add_argument("--layer", type=int, default=1)
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--held-out", type=int, default=16)
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+
+    from mmpost.cli import quiet_libraries
+    from mmpost.config import load_config
+    from mmpost.data.loader import read_source
+    from mmpost.model.build import load_lmm
+    from mmpost.model.format import resolve_model_dir
+    from mmpost.quant import load_options
+
+    quiet_libraries()
+    torch.manual_seed(0)
+    run = Path(args.run)
+    cfg = load_config(run / "config.yaml")
+    model = load_lmm(resolve_model_dir(run)).eval()
+    calib = read_source(cfg.data.train, "data.train")[: args.calib_samples]
+    held_out = read_source(cfg.data.eval, "data.eval")[: args.held_out]
+    bundle = make_bundle(
+        model, args.layer, layer_states(model, calib, args.layer), layer_states(model, held_out, args.layer)
+    )
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for recipe in args.recipes.split(","):
+            preset, overrides = RECIPES[recipe]
+            options = replace(
+                load_options(preset), group_size=load_options(preset).group_size and args.group_size, **overrides
+            )
+            path = Path(tmp) / f"{recipe}.pt"
+            torch.save(
+                bundle
+                | {
+                    "recipe": recipe,
+                    "options": {
+                        "group_size": args.group_size,
+                        "smoothing_strength": 0.5,
+                        "dampening": options.dampening,
+                        "sparsity": 0.5,
+                    },
+                },
+                path,
+            )
+            result = Path(tmp) / f"{recipe}.json"
+            subprocess.run(
+                [
+                    args.reference_python,
+                    str(Path(__file__).parent / "llmc_reference.py"),
+                    str(path),
+                    "--out",
+                    str(result),
+                ],
+                check=True,
+                capture_output=True,
+            )
+            theirs = json.loads(result.read_text())["errors"]
+            ours = mmpost_errors(bundle, options)
+            layers = [n for n in ours if n != "layer"]
+            ratio = {n: ours[n] / theirs[n] if theirs[n] else float("nan") for n in layers}
+            rows[recipe] = {"mmpost": ours, "llmcompressor": theirs, "ratio": ratio, "worst_ratio": max(ratio.values())}
+            cells = "  ".join(f"{n.split('.')[-1]} {ours[n]:.3g}/{theirs[n]:.3g}" for n in layers)
+            print(f"{recipe:<24} worst ratio {max(ratio.values()):.3f}   {cells}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
