@@ -216,3 +216,20 @@ def test_weight_scheme_labels():
     assert WeightScheme(bits=8, group_size=None, type="float").describe() == "fp8 per-channel"
     with pytest.raises(ValueError, match="FP8"):
         WeightScheme(bits=4, type="float")
+
+
+@pytest.mark.parametrize(
+    "connector, kwargs, preset",
+    [("qformer", {"num_queries": 4}, "w4a16-awq"), ("xattn", {"every": 1}, "w8a8"), ("xattn", {"every": 1}, "fp8-kv")],
+)
+def test_other_connectors_calibrate_and_export_every_kind_of_scheme(
+    connector, kwargs, preset, make_model, synth_dir, tmp_path
+):
+    """Q-Former tokens and fusion cross-attention (which runs inside the decoder layers being calibrated)."""
+    model = spread(make_model(connector, **kwargs))
+    options = load_options(preset, group_size=32, num_samples=16)
+    out = export(model, tmp_path / "q", fmt="mmpost", quantize=options, calib=calib_source(synth_dir))
+    report = read_report(out)
+    assert report["reload"]["greedy_agreement"] == "4/4" and report["reload"]["max_abs_logit_diff"] == 0.0
+    assert report["quantization"]["media_rows"] > 0 or connector == "xattn"  # fusion adds no media tokens
+    assert mmpost.load(out).quantization.describe().split(" (")[0] == model.quantization.describe().split(" (")[0]
