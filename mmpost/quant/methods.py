@@ -68,8 +68,11 @@ def check_group_size(name: str, in_features: int, scheme: WeightScheme) -> None:
     )
 
 
-def _qparams(weight: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (bf16-representable float32) and zero point of each row, or of each group of a row, from min and max."""
+def _qparams(
+    weight: torch.Tensor, args: QuantizationArgs, bf16_scales: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (bf16-representable float32 unless ``bf16_scales`` is false) and zero point of each row, or of each
+    group of a row, from min and max."""
     rows = weight.shape[0]
     if args.strategy == QuantizationStrategy.GROUP:
         grouped = weight.reshape(rows, -1, args.group_size)  # [out, groups, g]
@@ -77,6 +80,8 @@ def _qparams(weight: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor
     else:
         low, high = weight.amin(dim=1, keepdim=True), weight.amax(dim=1, keepdim=True)  # [out, 1]
     scale, zero_point = calculate_qparams(low, high, args)
+    if not bf16_scales:
+        return scale, zero_point
     scale = scale.to(torch.bfloat16).float()
     if not args.symmetric:  # the same formula as calculate_qparams, from the rounded scale
         q_min, q_max = calculate_range(args, weight.device)
@@ -85,13 +90,14 @@ def _qparams(weight: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor
     return scale, zero_point
 
 
-def rtn(weight: torch.Tensor, scheme: WeightScheme) -> QuantizedWeight:
+def rtn(weight: torch.Tensor, scheme: WeightScheme, bf16_scales: bool = True) -> QuantizedWeight:
     """Round-to-nearest: each group's (or row's) scale from its min and max, then round every weight on its own.
-    A weight's zeros (a pruned weight's) stay zero."""
+    A weight's zeros (a pruned weight's) stay zero. ``bf16_scales`` false keeps compressed-tensors' scales as they
+    are (for searches that only measure, as AWQ's does)."""
     check_group_size("weight", weight.shape[1], scheme)
     args = scheme.args()
     full = weight.float()
-    scale, zero_point = _qparams(full, args)
+    scale, zero_point = _qparams(full, args, bf16_scales)
     return QuantizedWeight(fake_quantize(full, scale, zero_point, args).to(weight.dtype), scale, zero_point)
 
 

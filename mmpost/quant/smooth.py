@@ -164,7 +164,10 @@ def awq_search(
         scales[~torch.isfinite(scales)] = 1.0
         for layer, w in zip(mapping.balance, originals, strict=True):
             scaled = w.float() * scales.view(1, -1)
-            layer.weight.copy_((rtn(scaled, scheme).weight.float() / scales.view(1, -1)).to(w.dtype))
+            # compressed-tensors' min-max scales, unrounded, as llm-compressor's search uses: the grid's choice is
+            # sensitive to them (bf16-rounded ones pick other ratios on some layers)
+            quantized = rtn(scaled, scheme, bf16_scales=False).weight.float()
+            layer.weight.copy_((quantized / scales.view(1, -1)).to(w.dtype))
         error = _mse(reference, replay())
         if identity_error is None:
             identity_error = error
