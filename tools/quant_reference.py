@@ -2,6 +2,7 @@
 
     python tools/quant_reference.py RUN --reference-python VENV/bin/python [--layer 1] [--recipes a,b]
                                     [--calib-samples 32] [--held-out 16] [--group-size 64] [--json out.json]
+    python tools/quant_reference.py MODEL_DIR --calib DATA --held-out-data DATA [--image-root DIR] ...
 
 The hidden states that enter decoder layer ``--layer`` of a finished run's model (``RUN/final``) are gathered
 on multimodal samples (the run's training data for calibration, its held-out data for measuring), run through
@@ -12,7 +13,10 @@ and mmpost (``mmpost.quant``'s own layer-by-layer code, unchanged) compress it o
 are measured with the same code on the held-out states: per linear layer, ``sum((y_q - y_f)^2) / sum(y_f^2)``.
 ``ratio`` is mmpost's error over llm-compressor's; the acceptance bar is ratio <= 1.10 on every layer.
 
-mmpost runs GPTQ with ``act_order`` on, as llm-compressor's GPTQ does by default (static groups).
+mmpost runs GPTQ with ``act_order`` on, as llm-compressor's GPTQ does by default (static groups). Under AWQ a
+linear layer that feeds another (``up_proj`` into ``down_proj``; ``v_proj`` into ``o_proj`` without grouped-query
+attention) has its output rows divided by the scales on purpose, so its own "error" measures that rescaling (both
+libraries rescale the same way); the layers it feeds, and the decoder layer's output, carry the comparison there.
 """
 
 from __future__ import annotations
@@ -161,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--held-out", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--calib", help="calibration data (.json / .jsonl) when RUN is a model directory")
+    parser.add_argument("--held-out-data", help="held-out data when RUN is a model directory")
+    parser.add_argument("--image-root", default="", help="folder the data's image paths are relative to")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -174,10 +181,20 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     torch.manual_seed(0)
     run = Path(args.run)
-    cfg = load_config(run / "config.yaml")
-    model = load_lmm(resolve_model_dir(run)).eval()
-    calib = read_source(cfg.data.train, "data.train")[: args.calib_samples]
-    held_out = read_source(cfg.data.eval, "data.eval")[: args.held_out]
+    if (run / "config.yaml").is_file():
+        cfg = load_config(run / "config.yaml")
+        train, evaluation = cfg.data.train, cfg.data.eval
+        model = load_lmm(resolve_model_dir(run)).eval()
+    else:
+        from mmpost.config.schema import DataSourceConfig
+
+        if not (args.calib and args.held_out_data):
+            parser.error("a model directory needs --calib and --held-out-data")
+        train = DataSourceConfig(path=args.calib, image_root=args.image_root)
+        evaluation = DataSourceConfig(path=args.held_out_data, image_root=args.image_root)
+        model = load_lmm(run).eval()
+    calib = read_source(train, "--calib")[: args.calib_samples]
+    held_out = read_source(evaluation, "--held-out-data")[: args.held_out]
     bundle = make_bundle(
         model, args.layer, layer_states(model, calib, args.layer), layer_states(model, held_out, args.layer)
     )
