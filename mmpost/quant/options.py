@@ -63,7 +63,7 @@ class QuantizeOptions:
     group_size: int | None = ranged(64, ge=1)
     activations: bool = False
     method: Literal["rtn", "gptq", "awq"] = "gptq"
-    smoothing: float | None = None
+    smoothing: float | None = ranged(None, gt=0.0, lt=1.0)
     awq_grid: int = ranged(20, ge=2)
     sparsity: float = ranged(0.0, ge=0.0, lt=1.0)
     sparsity_structure: Literal["2:4", "unstructured"] = "unstructured"
