@@ -176,7 +176,7 @@ def hf_expected(model: LMM, probe_list, expected: list, report: dict[str, Any]) 
     attention takes ``cache``, compressed-tensors 0.20 looks for ``past_key_values``); vLLM reads the scales. The
     report says so, with how far the float cache moves the probes."""
     state = model.quantization
-    if state is None or not state.kv_scales:
+    if state is None or not state.kv_scales or reload_quantizes_kv(model.base_llm):
         return expected
     state.reinstall(model.base_llm, kv=False)
     try:
@@ -190,6 +190,16 @@ def hf_expected(model: LMM, probe_list, expected: list, report: dict[str, Any]) 
         "fp8_vs_float_cache": moved,
     }
     return float_cache
+
+
+def reload_quantizes_kv(llm) -> bool:
+    """Whether compressed-tensors recognises the LLM's attention as one whose KV cache it quantizes on a reload (it
+    looks for a ``past_key_values`` argument: transformers before the rename to ``cache``)."""
+    from compressed_tensors.quantization.lifecycle.initialize import is_cached_attention_module
+
+    from mmpost.model.quantized import attention_modules
+
+    return any(is_cached_attention_module(m) for m in attention_modules(llm).values())
 
 
 def quantize_for_export(model: LMM, spec: Any, calib, source_dir: Path | None, probe_list) -> tuple[dict, list]:
