@@ -128,7 +128,7 @@ def one_layer_model(bundle: dict):
 
 
 def mmpost_errors(bundle: dict, options) -> dict:
-    from mmpost.model.quantized import QuantState, install_runtime, selected_linears
+    from mmpost.model.quantized import install_runtime, selected_linears
     from mmpost.quant.apply import QuantReport, compress_layers
 
     float_llm, llm = one_layer_model(bundle), one_layer_model(bundle)
@@ -142,13 +142,7 @@ def mmpost_errors(bundle: dict, options) -> dict:
         for s in bundle["calib"]
     ]
     linears = selected_linears(llm, options.ignore)
-    state = QuantState(
-        scheme=options.scheme,
-        ignore=list(options.ignore),
-        method=options.method_label(),
-        activations=options.activation_scheme,
-        sparsity=options.sparsity_structure if options.pruned else None,
-    )
+    state = options.new_state()
     with torch.no_grad():
         compress_layers(_OneLayer(llm), options, batches, linears, state, QuantReport("", len(linears)), False)
     install_runtime(llm, state)

@@ -126,13 +126,7 @@ def quantize(
             check_group_size(name, module.in_features, options.scheme)
         if options.pruned:
             check_structure(name, module.in_features, options.sparsity_structure)
-    state = QuantState(
-        scheme=options.scheme,
-        ignore=list(options.ignore),
-        method=options.method_label(),
-        activations=options.activation_scheme,
-        sparsity=options.sparsity_structure if options.pruned else None,
-    )
+    state = options.new_state()
     report = QuantReport(scheme=options.describe(), layers=len(linears))
     with torch.no_grad():
         if not options.calibrated:

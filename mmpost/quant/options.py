@@ -8,7 +8,7 @@ from typing import Literal
 
 from mmpost.config.fields import ranged
 from mmpost.config.schema import DataSourceConfig
-from mmpost.model.quantized import ActivationScheme, WeightScheme
+from mmpost.model.quantized import ActivationScheme, QuantState, WeightScheme
 
 
 @dataclass
@@ -88,6 +88,16 @@ class QuantizeOptions:
     @property
     def activation_scheme(self) -> ActivationScheme | None:
         return ActivationScheme(type=self.type) if self.activations else None
+
+    def new_state(self) -> QuantState:
+        """An empty ``QuantState`` for this scheme, which the quantize pass fills layer by layer."""
+        return QuantState(
+            scheme=self.scheme,
+            ignore=list(self.ignore),
+            method=self.method_label(),
+            activations=self.activation_scheme,
+            sparsity=self.sparsity_structure if self.pruned else None,
+        )
 
     @property
     def pruned(self) -> bool:
