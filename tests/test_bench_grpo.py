@@ -96,3 +96,20 @@ def test_the_trl_peer_run_starts_from_the_same_loss(tmp_path):
     assert abs(first["mmpost"]["loss"] - first["trl"]["loss"]) < 1e-4
     run = result["runs"][0]
     assert run["mmpost"]["measured_units"] == run["trl"]["measured_units"] > 0  # the same tokens counted
+
+
+@pytest.mark.slow  # three runs, each in a process of its own: ~1 min on 2 CPU cores
+def test_the_ab_bench_runs_the_setting_in_b_only(tmp_path):
+    spec = importlib.util.spec_from_file_location("peer_setup", BENCH.with_name("peer_setup.py"))
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)
+    config = setup.write_bench_run(tmp_path / "work", "tiny", "align", samples=8, seed=0)
+    cache, out = tmp_path / "cache", tmp_path / "ab.json"
+    argv = ["--ab", f"data.cache_features={cache}", str(config), "--pairs", "1", "--steps", "1", "--warmup", "1"]
+    assert load_bench().main([*argv, "--prime", "--set", "train.batch_size=2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    run = result["runs"][0]
+    assert run["A"]["settings"] == ["train.batch_size=2"]
+    assert run["B"]["settings"] == ["train.batch_size=2", f"data.cache_features={cache}"]
+    assert len(list(cache.glob("image/*/*.npy"))) == 8  # the primed run filled it with the data set's 8 images
+    assert result["ratio_median"] == pytest.approx(run["B"]["tokens_per_s"] / run["A"]["tokens_per_s"], rel=1e-2)

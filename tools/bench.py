@@ -33,6 +33,13 @@ sample runs the full ``--max-new-tokens`` (end-of-sequence never stops it); the 
 warm-up call each and the median of ``--repeats`` is reported. The greedy outputs of both paths must be
 identical, or the command exits with status 1.
 
+    python tools/bench.py --ab KEY=VALUE CONFIG [--pairs 3] [--prime] [--set ...] [--json out.json]
+
+runs CONFIG as ``bench.py CONFIG`` does and again with ``KEY=VALUE`` (``data.cache_features=DIR``,
+``train.compile=true``, ...), each run a process of its own, alternating, and prints both figures with their
+peak memory and B / A per pair and in median (``tools/bench_ab.py``). ``python tools/peer_setup.py --size vitb
+--stage align --out DIR`` writes a LLaVA-shaped model, data and a config to run it on.
+
     python tools/bench.py --peer trl sft|dpo|grpo [--size full|tiny] [--pairs 3] [--steps 10] [--warmup 2]
         [--variable-length] [--set train.batch_size=8 ...] [--json out.json]
 
@@ -117,6 +124,7 @@ def bench_stage(argv: list[str]) -> int:
         if torch.cuda.is_available()
         else f"cpu ({torch.get_num_threads()} threads)",
         "processes": processes,
+        "settings": [o for group in args.set for o in group],
         "steps_measured": len(lines),
     }
     if cfg.stage.name == "grpo":
@@ -304,20 +312,27 @@ def bench_grpo(args: argparse.Namespace) -> dict:
     }
 
 
+def sibling(name: str):
+    """The module of ``tools/NAME.py`` (tools/ is no package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def peer(argv: list[str]) -> int:
     """``--peer trl STAGE ...``: the comparison with TRL, in ``tools/peer_trl.py``."""
     if argv[:1] != ["trl"]:
         raise SystemExit(f"bench.py --peer: the one peer is trl, not {' '.join(argv[:1]) or 'nothing'}")
-    spec = importlib.util.spec_from_file_location("peer_trl", Path(__file__).with_name("peer_trl.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv[1:])
+    return sibling("peer_trl").main(argv[1:])
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--peer"]:
         return peer(argv[1:])
+    if argv[:1] == ["--ab"]:
+        return sibling("bench_ab").main(argv[1:])
     if argv[:1] != ["grpo"]:
         return bench_stage(argv)
     from mmpost.cli import quiet_libraries

