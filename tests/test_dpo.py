@@ -209,6 +209,7 @@ def test_kto_on_two_processes_matches_one_with_the_same_global_batch(dpo_config,
     assert single[-1]["kl"] != 0.0
 
 
+@pytest.mark.slow  # ~30 s; kto's two-process test, in the regular suite, runs the same code with a KL baseline
 def test_orpo_on_two_processes_matches_one_with_the_same_global_batch(dpo_config, tmp_path, synth_dir):
     """ORPO's loss is a mean over the step's pairs (NLL and odds-ratio term alike), whichever process holds them."""
     import os

@@ -211,6 +211,7 @@ def test_ppo_resume_continues_the_same_run(ppo_config, tmp_path, monkeypatch, re
     assert any(k.startswith("heads.value") for k in a)
 
 
+@pytest.mark.slow  # ~30 s, three launches
 def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, synth_dir, llm_dir, clip_dir, reward_module):
     """One process with two micro-batches of one prompt against two processes with one each: nucleus sampling
     with a tiny ``top_p`` draws the same completions in both, and with the advantages whitened over both processes

@@ -101,7 +101,12 @@ def stage_sections(case: str, synth_dir: Path):
     return {"name": "grpo", "group_size": 2, "max_completion_length": 4, "beta": 0.05, "rewards": rewards}, {}
 
 
-@pytest.mark.parametrize("case", ["align", "dpo-lora", "grpo"])
+# align and grpo are opt-in (-m slow, ~35 s each): dpo with LoRA holds what the other two test (a frozen tower,
+# a reference forward) in the regular suite, and rloo's FSDP2 test (test_rloo.py) runs grpo's sampling sharded
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("case", [pytest.param("align", marks=SLOW), "dpo-lora", pytest.param("grpo", marks=SLOW)])
 def test_fsdp2_trains_every_stage_as_ddp(sharded, synth_dir, case):
     stage, sections = stage_sections(case, synth_dir)
     ddp = sharded.launch(stage, "ddp", f"{case}-ddp", **stage_sections(case, synth_dir)[1])
@@ -141,7 +146,7 @@ def kill_after_checkpoint(sharded, stage, name: str, step: int, **sections) -> P
     return cfg
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", pytest.param("dpo", marks=SLOW)])  # dpo opt-in: ~55 s
 def test_a_killed_fsdp2_run_resumes_the_same_curve(sharded, sft_runs, stage):
     straight = sft_runs["fsdp2"] if stage == "sft" else sharded.launch("dpo", "fsdp2", "dpo-straight")
     cfg = kill_after_checkpoint(sharded, stage, f"{stage}-killed", 5)
@@ -182,6 +187,7 @@ def test_an_fsdp2_final_model_loads_and_exports_like_the_ddp_one(sft_runs, tmp_p
         assert torch.allclose(hf["ddp"], hf["fsdp2"], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # ~20 s: two launchers of one process each
 def test_two_localhost_nodes_train_as_one_node_with_two_processes(sharded, sft_runs):
     cfg = sharded.config("sft", "ddp", "sft-two-nodes")
     port = str(next(sharded.ports))
