@@ -55,6 +55,20 @@ def test_rtn_quantizes_only_the_llms_linear_layers(make_model):
     assert model.quantization.describe().startswith("int8 sym per-channel")
 
 
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scales_are_those_the_checkpoint_can_store(make_model, calib, method, dtype):
+    # the checkpoint keeps the scales in the layers' dtype: a bf16 model's are rounded to bf16 before any weight is
+    # quantized with them; a float32 model keeps compressed-tensors' own scales (rounding them costs accuracy)
+    model = spread(make_model("mlp")).to(dtype)
+    options = QuantizeOptions(bits=4, group_size=32, method=method, num_samples=8)
+    quantize(model, options, calib if method == "gptq" else None)
+    scales = torch.cat([scale.flatten() for scale, _ in model.quantization.layers.values()])
+    assert scales.dtype == torch.float32 and torch.equal(scales.to(dtype).float(), scales)
+    if dtype == torch.float32:
+        assert not torch.equal(scales.bfloat16().float(), scales)
+
 def test_multimodal_calibration_feeds_media_tokens_to_every_quantized_layer(make_model, calib):
     model = spread(make_model("mlp"))
     batches = calibration_batches(model, calib, 16, 8, 1024)

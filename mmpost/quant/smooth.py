@@ -166,7 +166,7 @@ def awq_search(
             scaled = w.float() * scales.view(1, -1)
             # compressed-tensors' min-max scales, unrounded, as llm-compressor's search uses: the grid's choice is
             # sensitive to them (bf16-rounded ones pick other ratios on some layers)
-            quantized = rtn(scaled, scheme, bf16_scales=False).weight.float()
+            quantized = rtn(scaled, scheme, torch.float32).weight.float()
             layer.weight.copy_((quantized / scales.view(1, -1)).to(w.dtype))
         error = _mse(reference, replay())
         if identity_error is None:
