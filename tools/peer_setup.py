@@ -190,7 +190,7 @@ BENCH_RUNS = {
 
 def write_bench_run(out: Path, size: str, stage: str, samples: int, seed: int) -> Path:
     """Saves the model of ``size`` as an mmpost model, writes ``samples`` synthetic samples and a run config of
-    ``stage`` that trains from it; returns the config's path."""
+    ``stage`` that trains from it (absolute paths); returns the config's path."""
     import yaml
 
     from mmpost.config.loader import from_dict
@@ -198,6 +198,7 @@ def write_bench_run(out: Path, size: str, stage: str, samples: int, seed: int) -
     from mmpost.model.build import build_lmm
     from mmpost.synthetic.write import synthesize
 
+    out = out.resolve()
     tower, llm, _ = make_parts(out, size, seed)
     section = {
         "llm": {"path": str(llm)},

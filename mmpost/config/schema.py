@@ -156,7 +156,8 @@ class TrainConfig:
         gradient_checkpointing: recompute LLM activations in the backward pass to save memory.
         compile: compile each LLM decoder layer and encoder block with ``torch.compile`` (regional: one graph per
             kind of layer; the first steps take the compile time). Same losses; whether it is faster depends on
-            the device and sizes (measure with ``tools/bench.py``).
+            the device and sizes (``tools/bench.py --ab train.compile=true CONFIG``; on 2 CPU cores, fp32, a
+            LLaVA-shaped sft step ran at 0.98x, with 5 % less peak memory).
         log_every: steps between metric lines in ``metrics.jsonl``.
         save_every: steps between checkpoints under ``checkpoints/step-N``; 0 saves only ``final/``.
         keep_checkpoints: newest step checkpoints kept; older ones are deleted. 0 keeps all.
