@@ -55,7 +55,6 @@ def test_rtn_quantizes_only_the_llms_linear_layers(make_model):
     assert model.quantization.describe().startswith("int8 sym per-channel")
 
 
-
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_scales_are_those_the_checkpoint_can_store(make_model, calib, method, dtype):
@@ -68,6 +67,7 @@ def test_scales_are_those_the_checkpoint_can_store(make_model, calib, method, dt
     assert scales.dtype == torch.float32 and torch.equal(scales.to(dtype).float(), scales)
     if dtype == torch.float32:
         assert not torch.equal(scales.bfloat16().float(), scales)
+
 
 def test_multimodal_calibration_feeds_media_tokens_to_every_quantized_layer(make_model, calib):
     model = spread(make_model("mlp"))
