@@ -70,4 +70,9 @@ def test_every_method_is_within_ten_percent_of_llm_compressor(demo_sft, tmp_path
         check=True,
     )
     rows = json.loads(out.read_text())
-    assert {name: round(row["worst_ratio"], 3) for name, row in rows.items() if row["worst_ratio"] > 1.10} == {}
+    # llm-compressor 0.14's GPTQ does not keep a pruned weight's zeros, so its 2:4 + int4 weights are no longer 2:4:
+    # a less constrained weight, whose error the bar cannot compare with (mmpost's stay 2:4: test_quant_schemes.py)
+    unconstrained = {name for name, row in rows.items() if row.get("llmcompressor_two_of_four", 1.0) < 1.0}
+    assert unconstrained <= {"sparsegpt_2of4_w4a16"}
+    over = {name: round(row["worst_ratio"], 3) for name, row in rows.items() if row["worst_ratio"] > 1.10}
+    assert {name: ratio for name, ratio in over.items() if name not in unconstrained} == {}
