@@ -13,7 +13,8 @@ Two choices of ours on top of compressed-tensors:
   dtype, which compressed-tensors gives its ``weight_scale``) before anything is quantized with them, so that a bf16
   checkpoint stores the very scales the integers were computed with, and a float32 one compressed-tensors' scales as
   they are. Rounding a scale to bf16 moves it by up to 0.4 %, which moves many weights across a rounding boundary:
-  on SmolLM2-135M's layers it raised the int4 layer error by up to 14 % over float32 scales. Asymmetric zero points
+  on SmolLM2-135M's layers it raised AWQ's int4 layer error by up to 14 % over float32 scales, plain rounding's by up
+  to 4 %. Asymmetric zero points
   are recomputed from a rounded scale (compressed-tensors computes them from the unrounded one), which also gives an
   all-zero group a usable zero point rather than one from 0/0.
 - GPTQ zeroes the weight columns of inputs that were never active in calibration (``H_ii == 0``), as the reference
