@@ -100,13 +100,11 @@ def test_the_trl_peer_run_starts_from_the_same_loss(tmp_path):
 
 @pytest.mark.slow  # three runs, each in a process of its own: ~1 min on 2 CPU cores
 def test_the_ab_bench_runs_the_setting_in_b_only(tmp_path):
-    spec = importlib.util.spec_from_file_location("peer_setup", BENCH.with_name("peer_setup.py"))
-    setup = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(setup)
-    config = setup.write_bench_run(tmp_path / "work", "tiny", "align", samples=8, seed=0)
+    bench = load_bench()
+    config = bench.sibling("peer_setup").write_bench_run(tmp_path / "work", "tiny", "align", samples=8, seed=0)
     cache, out = tmp_path / "cache", tmp_path / "ab.json"
     argv = ["--ab", f"data.cache_features={cache}", str(config), "--pairs", "1", "--steps", "1", "--warmup", "1"]
-    assert load_bench().main([*argv, "--prime", "--set", "train.batch_size=2", "--json", str(out)]) == 0
+    assert bench.main([*argv, "--prime", "--set", "train.batch_size=2", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     run = result["runs"][0]
     assert run["A"]["settings"] == ["train.batch_size=2"]

@@ -24,28 +24,24 @@ from typing import Any
 
 import torch
 
+# The 8-layer SmolLM2-shaped Llama every size but tiny puts behind its tower.
+SMOLLM2_SHAPED = {
+    "llm": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=9),
+    "kv_heads": 3,
+    "max_length": 1024,
+}
+
+
+def siglip(hidden: int, layers: int, heads: int, patch: int = 16, side: int = 224) -> dict:
+    """A SigLIP tower's shape: MLP 4x its width."""
+    vision = dict(image_size=side, patch_size=patch, hidden_size=hidden, intermediate_size=4 * hidden)
+    return {"vision": vision | {"num_hidden_layers": layers}, "heads": heads}
+
+
 SIZES = {
-    "full": {
-        "vision": dict(image_size=224, patch_size=16, hidden_size=384, intermediate_size=1536, num_hidden_layers=6),
-        "heads": 6,
-        "llm": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=9),
-        "kv_heads": 3,
-        "max_length": 1024,
-    },
-    "vitb": {
-        "vision": dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072, num_hidden_layers=12),
-        "heads": 12,
-        "llm": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=9),
-        "kv_heads": 3,
-        "max_length": 1024,
-    },
-    "vitl": {  # LLaVA-1.5's tower size (CLIP ViT-L/14), at 224 px: 256 image tokens
-        "vision": dict(image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24),
-        "heads": 16,
-        "llm": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=9),
-        "kv_heads": 3,
-        "max_length": 1024,
-    },
+    "full": siglip(384, 6, 6) | SMOLLM2_SHAPED,
+    "vitb": siglip(768, 12, 12) | SMOLLM2_SHAPED,
+    "vitl": siglip(1024, 24, 16, patch=14) | SMOLLM2_SHAPED,  # LLaVA-1.5's tower size (CLIP ViT-L/14): 256 tokens
     "tiny": {
         "vision": dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2),
         "heads": 2,
@@ -109,6 +105,28 @@ def make_parts(work: Path, size: str, seed: int) -> tuple[Path, Path, Any]:
     model.save_pretrained(llm)
     tokenizer.save_pretrained(llm)
     return tower, llm, tokenizer
+
+
+def make_model(work: Path, size: str, seed: int):
+    """The parts of ``size`` joined by a 2-layer mlp connector, saved as an mmpost model in ``work/init`` (its model
+    section in ``work/model.yaml``); returns the model and the tokenizer."""
+    import yaml
+
+    from mmpost.config.loader import from_dict
+    from mmpost.config.schema import ModelConfig
+    from mmpost.model.build import build_lmm
+
+    tower, llm, tokenizer = make_parts(work, size, seed)
+    section = {
+        "llm": {"path": str(llm)},
+        "encoders": {"image": {"name": "hf_vision", "path": str(tower)}},
+        "connectors": {"image": {"name": "mlp", "depth": 2}},
+    }
+    (work / "model.yaml").write_text(yaml.safe_dump({"model": section}, sort_keys=False))
+    torch.manual_seed(seed)
+    model = build_lmm(from_dict(ModelConfig, section, "model"))
+    model.save(work / "init")
+    return model, tokenizer
 
 
 FILLER = (
@@ -193,20 +211,10 @@ def write_bench_run(out: Path, size: str, stage: str, samples: int, seed: int) -
     ``stage`` that trains from it (absolute paths); returns the config's path."""
     import yaml
 
-    from mmpost.config.loader import from_dict
-    from mmpost.config.schema import ModelConfig
-    from mmpost.model.build import build_lmm
     from mmpost.synthetic.write import synthesize
 
     out = out.resolve()
-    tower, llm, _ = make_parts(out, size, seed)
-    section = {
-        "llm": {"path": str(llm)},
-        "encoders": {"image": {"name": "hf_vision", "path": str(tower)}},
-        "connectors": {"image": {"name": "mlp", "depth": 2}},
-    }
-    torch.manual_seed(seed)
-    build_lmm(from_dict(ModelConfig, section, "model")).save(out / "init")
+    make_model(out, size, seed)
     synthesize(out / "data", num_train=samples, num_heldout=0, image_size=64, progress=False)
     run = BENCH_RUNS[stage]
     config = {

@@ -61,7 +61,7 @@ import torch
 # tools/ is no package: run as a script or loaded by bench.py from its file, this file finds its siblings here
 sys.path.insert(0, str(Path(__file__).parent))
 
-from peer_setup import SIZES, long_tailed_lengths, make_parts, sample_lengths, write_samples
+from peer_setup import SIZES, long_tailed_lengths, make_model, sample_lengths, write_samples
 from peer_sides import differences, run_mmpost, run_trl, trained_parts, trl_settings
 
 MEASURES = {"sft": "tokens", "dpo": "pairs", "grpo": "completions"}
@@ -95,24 +95,13 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import yaml
 
     from mmpost.config import load_config
-    from mmpost.config.loader import from_dict
-    from mmpost.config.schema import DataConfig, ModelConfig
+    from mmpost.config.schema import DataConfig
     from mmpost.export import export
-    from mmpost.model.build import build_lmm
     from mmpost.stages import stage_options
     from mmpost.training.trainable import apply_trainable
 
     size = SIZES[args.size]
-    tower, llm, tokenizer = make_parts(work, args.size, args.seed)
-    model_section = {
-        "llm": {"path": str(llm)},
-        "encoders": {"image": {"name": "hf_vision", "path": str(tower)}},
-        "connectors": {"image": {"name": "mlp", "depth": 2}},
-    }
-    (work / "model.yaml").write_text(yaml.safe_dump({"model": model_section}, sort_keys=False))
-    torch.manual_seed(args.seed)
-    model = build_lmm(from_dict(ModelConfig, model_section, "model"))
-    model.save(work / "init")
+    model, tokenizer = make_model(work, args.size, args.seed)
     export(model, work / "hf", fmt="hf")
 
     base = STAGE_CONFIGS[args.stage]

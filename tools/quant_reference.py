@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     torch.manual_seed(0)
     run = Path(args.run)
-    if (run / "config.yaml").is_file():
+    from_run = (run / "config.yaml").is_file()
+    if from_run:
         cfg = load_config(run / "config.yaml")
         train, evaluation = cfg.data.train, cfg.data.eval
         model = load_lmm(resolve_model_dir(run)).eval()
@@ -187,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         train = DataSourceConfig(path=args.calib, image_root=args.image_root)
         evaluation = DataSourceConfig(path=args.held_out_data, image_root=args.image_root)
         model = load_lmm(run).eval()
-    calib = read_source(train, "--calib")[: args.calib_samples]
-    held_out = read_source(evaluation, "--held-out-data")[: args.held_out]
+    calib = read_source(train, "data.train" if from_run else "--calib")[: args.calib_samples]
+    held_out = read_source(evaluation, "data.eval" if from_run else "--held-out-data")[: args.held_out]
     bundle = make_bundle(
         model, args.layer, layer_states(model, calib, args.layer), layer_states(model, held_out, args.layer)
     )
