@@ -32,6 +32,8 @@ from mmpost.interfaces import (
     default_media_text,
     media_count,
 )
+from mmpost.losses.ce import cross_entropy_sum
+from mmpost.losses.chunked_ce import is_plain_head, linear_cross_entropy_sum
 from mmpost.model import fusion
 from mmpost.model.format import save_lmm
 from mmpost.model.fusion import FusionMedia, FusionState
@@ -321,6 +323,15 @@ class LMM(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    def label_cross_entropy(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The summed cross-entropy of the LM head's logits at ``hidden`` ``[N, D]`` against ``targets`` ``[N]``:
+        chunk by chunk from the hidden states for a plain head (``mmpost.losses.chunked_ce``), else from the
+        logits."""
+        head = self.base_llm.get_output_embeddings()
+        if is_plain_head(head) and not getattr(self.base_llm.config, "final_logit_softcapping", None):
+            return linear_cross_entropy_sum(hidden, head.weight, targets)
+        return cross_entropy_sum(self.logits_from_hidden(hidden), targets)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -331,6 +342,7 @@ class LMM(nn.Module):
         share_prompt: bool = False,
         segments: torch.Tensor | None = None,
         head: str | None = None,
+        cross_entropy: bool = False,
     ) -> TokenLogits:
         """Next-token logits at the positions that predict a label token, or at every position without ``labels``.
 
@@ -343,6 +355,8 @@ class LMM(nn.Module):
             segments: packed rows, as in ``hidden_states`` (``data.packing``).
             head: also return this head's values at every position (``TokenLogits.values``, ``[B, T]``); without
                 ``labels`` then no logits at all (a reward model's forward). Rows are computed whole.
+            cross_entropy: with ``labels``, return the label tokens' summed cross-entropy
+                (``TokenLogits.cross_entropy``) instead of their logits (``label_cross_entropy``).
 
         Every loss of every stage reads this one output (``mmpost.losses``: cross-entropy, label log-probs,
         distillation divergences), so a distributed wrapper (DDP) sees each loss's forward.
@@ -361,7 +375,10 @@ class LMM(nn.Module):
             return TokenLogits(logits, kept, values=values)
         targets = labels[:, 1:]  # position t predicts token t + 1
         kept = targets != IGNORE  # [B, T-1]
-        return TokenLogits(self.logits_from_hidden(hidden[:, :-1][kept]), kept, targets[kept], values)  # [N, V]
+        rows, targets = hidden[:, :-1][kept], targets[kept]
+        if cross_entropy:
+            return TokenLogits(None, kept, targets, values, self.label_cross_entropy(rows, targets))
+        return TokenLogits(self.logits_from_hidden(rows), kept, targets, values)  # [N, V]
 
     def generate(
         self,

@@ -21,12 +21,15 @@ class TokenLogits:
         targets: ``[N]`` the label token each row predicts; None without labels.
         values: ``[B, T]`` fp32 values of the head the forward was asked for (``mmpost.model.heads``), at every
             position; None without one. A forward with a head and no labels computes no logits (None).
+        cross_entropy: scalar fp32, the label tokens' summed cross-entropy, from a forward asked for it instead of
+            the logits (then None).
     """
 
     logits: torch.Tensor | None
     kept: torch.Tensor
     targets: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    cross_entropy: torch.Tensor | None = None
 
     def dense(self) -> torch.Tensor:
         """``[B, P, V]`` logits of a forward without labels (every position kept)."""

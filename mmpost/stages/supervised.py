@@ -11,7 +11,6 @@ from mmpost.config import RunConfig
 from mmpost.data.batches import ConversationBatch
 from mmpost.data.loader import read_source
 from mmpost.data.pipeline import ConversationPipeline
-from mmpost.losses.ce import cross_entropy_sum
 from mmpost.training.context import build_model, start_run
 from mmpost.training.evaluate import Evaluator
 from mmpost.training.features import feature_caches
@@ -27,8 +26,15 @@ class ConversationLoss:
         return batch.label_tokens()
 
     def __call__(self, model: torch.nn.Module, batch: ConversationBatch) -> BatchLoss:
-        out = model(batch.input_ids, batch.attention_mask, batch.media, labels=batch.labels, segments=batch.segments)
-        return BatchLoss(cross_entropy_sum(out.logits, out.targets), out.targets.numel())
+        out = model(
+            batch.input_ids,
+            batch.attention_mask,
+            batch.media,
+            labels=batch.labels,
+            segments=batch.segments,
+            cross_entropy=True,
+        )
+        return BatchLoss(out.cross_entropy, out.targets.numel())
 
 
 def train_on_conversations(cfg: RunConfig, resume: bool, allow_changes: bool, default: Sequence[str]) -> dict[str, Any]:

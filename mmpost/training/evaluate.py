@@ -18,7 +18,6 @@ from mmpost.data.batches import ConversationBatch, PromptBatch
 from mmpost.data.loader import make_loader, read_source, worker_count
 from mmpost.data.pipeline import ConversationPipeline, Pipeline, PromptPipeline
 from mmpost.data.sample import DataError, Sample
-from mmpost.losses.ce import cross_entropy_sum
 from mmpost.model.lmm import LMM
 from mmpost.training.context import RunContext
 from mmpost.training.trainable import set_train_mode
@@ -91,8 +90,8 @@ def eval_loss(model: LMM, batches: Iterable[ConversationBatch], accelerator) -> 
             continue
         batch = batch.to(accelerator.device)
         with accelerator.autocast():
-            out = model(batch.input_ids, batch.attention_mask, batch.media, labels=batch.labels)
-        loss_sum = cross_entropy_sum(out.logits, out.targets)
+            out = model(batch.input_ids, batch.attention_mask, batch.media, labels=batch.labels, cross_entropy=True)
+        loss_sum = out.cross_entropy
         totals += torch.tensor([loss_sum.item(), out.targets.numel()], dtype=torch.float64, device=totals.device)
     totals = accelerator.reduce(totals, reduction="sum")
     return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
