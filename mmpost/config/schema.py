@@ -158,6 +158,10 @@ class TrainConfig:
             kind of layer; the first steps take the compile time). Same losses; whether it is faster depends on
             the device and sizes (``tools/bench.py --ab train.compile=true CONFIG``; on 2 CPU cores, fp32, a
             LLaVA-shaped sft step ran at 0.98x, with 5 % less peak memory).
+        keep_freed_memory: on a CPU (Linux, glibc), let ``malloc`` keep the memory that tensors free for the next
+            steps' tensors instead of unmapping it and faulting it in again page by page every step
+            (``mmpost.training.host_memory``). The process's memory then stays at its peak. On 2 CPU cores a
+            LLaVA-shaped sft step ran 1.2x faster with the same peak memory. No effect on a GPU run.
         log_every: steps between metric lines in ``metrics.jsonl``.
         save_every: steps between checkpoints under ``checkpoints/step-N``; 0 saves only ``final/``.
         keep_checkpoints: newest step checkpoints kept; older ones are deleted. 0 keeps all.
@@ -182,6 +186,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
     compile: bool = False
+    keep_freed_memory: bool = True
     log_every: int = ranged(10, ge=1)
     save_every: int = ranged(0, ge=0)
     keep_checkpoints: int = ranged(2, ge=0)

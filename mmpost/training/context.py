@@ -19,6 +19,7 @@ from mmpost.model.lmm import LMM
 from mmpost.training.accel import make_accelerator
 from mmpost.training.changes import changed_settings
 from mmpost.training.checkpoint import latest_checkpoint, remove_leftovers, step_checkpoints, verify_checkpoint
+from mmpost.training.host_memory import keep_freed_memory
 from mmpost.training.sharding import Sharding, requested
 
 log = logging.getLogger("mmpost")
@@ -95,6 +96,8 @@ def start_run(cfg: RunConfig, resume: bool, allow_changes: bool = False) -> RunC
     kind = requested(cfg.train.sharding)
     accelerator = make_accelerator(cfg.train, kind)
     sharding = Sharding(kind, accelerator, cfg.train.precision)
+    if cfg.train.keep_freed_memory and accelerator.device.type == "cpu":
+        keep_freed_memory()
     if accelerator.is_main_process:
         if replace:
             log.info("replacing %s: it holds no checkpoint (an earlier start that failed)", run_dir)
