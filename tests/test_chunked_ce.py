@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from mmpost.data.pipeline import ConversationPipeline
 from mmpost.losses import chunked_ce
-from mmpost.losses.chunked_ce import linear_cross_entropy_sum
 from mmpost.losses.ce import cross_entropy_sum
+from mmpost.losses.chunked_ce import linear_cross_entropy_sum
 from tests.test_packing import conversations
 
 
