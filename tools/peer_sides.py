@@ -124,16 +124,21 @@ def differences(stage: str, options: dict[str, Any], packing: bool) -> list[str]
         "TRL's fused LM head scores every position of the sequence off CUDA (in chunks of 32k rows) and the label "
         "positions only on CUDA; mmpost computes logits at the label positions only"
     )
+    memory = (
+        "on a CPU mmpost's process keeps the memory its tensors free for the next steps (train.keep_freed_memory); "
+        "TRL's returns it to the system and faults it in again"
+    )
     shared = bool(options.get("share_prompt"))  # an option of newer dpo / grpo stages
     if stage == "sft":
         return [
             "loss: both sum the label tokens' cross-entropy and divide by the label tokens of the whole optimizer "
             "step (TRL through num_items_in_batch); the labels are the reply and its end-of-turn tokens on both",
-            head,
+            head + ", and for sft its loss and gradient chunk by chunk of rows, the [N, V] logits never whole",
             "TRL also computes the entropy and top-1 accuracy at every label position in each step",
             "mmpost packs each micro-batch's conversations into rows (data.packing); TRL pads them"
             if packing
             else "both pad each micro-batch to its longest row (TRL has no packing or padding-free for vision data)",
+            memory,
         ]
     if stage == "dpo":
         return [
@@ -146,6 +151,7 @@ def differences(stage: str, options: dict[str, Any], packing: bool) -> list[str]
                 else "encodes the image once for both rows and runs the prompt's text twice"
             ),
             head,
+            memory,
         ]
     return [
         "sampling: TRL repeats each prompt G times and prefills every copy; mmpost "
@@ -156,6 +162,7 @@ def differences(stage: str, options: dict[str, Any], packing: bool) -> list[str]
         "the completions are sampled on each side, so the first losses need not agree and the lengths differ by "
         "chance (a random model seldom ends early)",
         head,
+        memory,
     ]
 
 

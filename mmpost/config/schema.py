@@ -161,7 +161,7 @@ class TrainConfig:
         keep_freed_memory: on a CPU (Linux, glibc), let ``malloc`` keep the memory that tensors free for the next
             steps' tensors instead of unmapping it and faulting it in again page by page every step
             (``mmpost.training.host_memory``). The process's memory then stays at its peak. On 2 CPU cores a
-            LLaVA-shaped sft step ran 1.2x faster with the same peak memory. No effect on a GPU run.
+            LLaVA-shaped sft step ran 1.25x faster with the same peak memory. No effect on a GPU run.
         log_every: steps between metric lines in ``metrics.jsonl``.
         save_every: steps between checkpoints under ``checkpoints/step-N``; 0 saves only ``final/``.
         keep_checkpoints: newest step checkpoints kept; older ones are deleted. 0 keeps all.
