@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from mmpost.data.pipeline import ConversationPipeline
 from mmpost.losses import chunked_ce
 from mmpost.losses.ce import cross_entropy_sum
-from mmpost.losses.chunked_ce import linear_cross_entropy_sum
+from mmpost.losses.chunked_ce import is_plain_head, linear_cross_entropy_sum
 from tests.test_packing import conversations
 
 
@@ -112,3 +112,10 @@ def test_a_head_that_is_not_a_plain_linear_takes_the_logits_path(make_model, one
     handle.remove()
     assert float(capped) == pytest.approx(float(expected), rel=1e-6)
     assert float(chunked) == pytest.approx(float(cross_entropy_sum(logits, targets)), rel=1e-6)
+
+
+def test_a_head_whose_weight_is_sharded_or_has_a_bias_runs_as_a_module():
+    head = torch.nn.Linear(4, 6, bias=False)
+    assert is_plain_head(head) and not is_plain_head(torch.nn.Linear(4, 6))
+    head.weight.ds_id = 3  # a DeepSpeed ZeRO-3 parameter: gathered only while the module runs
+    assert not is_plain_head(head)

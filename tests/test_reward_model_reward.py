@@ -119,7 +119,8 @@ def test_rows_split_by_prompt_whatever_the_batch_size(make_model, reward_dir):
     for batch_size in (1, 6, 7, 32):  # fewer rows than a group, two groups, more than two, all
         reward = ModelReward(str(reward_dir), batch_size=batch_size)
         reward.bind(policy, "cpu")
-        assert (reward(rows) - expected).abs().max() <= 1e-6, batch_size
+        # float32 sums over padded batches of other shapes differ in the last bits (by 2e-6 on some CPUs)
+        torch.testing.assert_close(reward(rows), expected, rtol=1e-5, atol=1e-5, msg=f"batch_size {batch_size}")
 
 
 def test_the_bound_reward_model_is_frozen_in_the_policys_dtype(make_model, reward_dir):

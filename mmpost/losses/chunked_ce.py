@@ -108,5 +108,10 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
 
 def is_plain_head(head: nn.Module) -> bool:
     """Whether ``linear_cross_entropy_sum`` can take the LM ``head``'s weight: a bias-free ``nn.Linear`` (not a
-    LoRA-wrapped or quantized one)."""
-    return type(head) is nn.Linear and head.bias is None
+    LoRA-wrapped or quantized one) whose weight is whole here. A DeepSpeed ZeRO-3 weight is gathered only when the
+    module itself runs, and a DTensor is a shard; those heads run as modules."""
+    if type(head) is not nn.Linear or head.bias is not None:
+        return False
+    weight = head.weight
+    sharded = hasattr(weight, "ds_id") or hasattr(weight, "device_mesh")
+    return not sharded and weight.shape == (head.out_features, head.in_features)

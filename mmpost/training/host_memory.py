@@ -42,5 +42,5 @@ def keep_freed_memory() -> bool:
     # mallopt(M_TRIM_THRESHOLD, -1) disables trimming (mallopt(3)); both return 1 on success
     applied = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, -1) == 1
     if applied:
-        log.info("train.keep_freed_memory: malloc keeps freed memory for the next steps")
+        log.debug("train.keep_freed_memory: malloc keeps freed memory for the next steps")
     return applied
