@@ -315,20 +315,23 @@ class LMM(nn.Module):
             return positions_of(attention_mask)
         return self.positions.position_ids(self, input_ids, attention_mask, media or {}, media_repeat)
 
+    @property
+    def logit_softcap(self) -> float | None:
+        """The LLM's final logit softcapping (Gemma 2's), or None."""
+        return getattr(self.base_llm.config, "final_logit_softcapping", None) or None
+
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """Applies the LM head (and final logit softcapping where the model has it)."""
         logits = self.base_llm.get_output_embeddings()(hidden)
-        cap = getattr(self.base_llm.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        cap = self.logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def label_cross_entropy(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The summed cross-entropy of the LM head's logits at ``hidden`` ``[N, D]`` against ``targets`` ``[N]``:
         chunk by chunk from the hidden states for a plain head (``mmpost.losses.chunked_ce``), else from the
         logits."""
         head = self.base_llm.get_output_embeddings()
-        if is_plain_head(head) and not getattr(self.base_llm.config, "final_logit_softcapping", None):
+        if is_plain_head(head) and self.logit_softcap is None:
             return linear_cross_entropy_sum(hidden, head.weight, targets)
         return cross_entropy_sum(self.logits_from_hidden(hidden), targets)
 
