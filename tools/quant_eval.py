@@ -1,7 +1,7 @@
 """What quantization costs a trained model: held-out accuracy, loss and drift from the float model per scheme.
 
     python tools/quant_eval.py RUN [--schemes w8a16,w4a16-gptq,w4a16-gptq-text,w4a16-awq-g32,w8a8,fp8,sparse24]
-                               [--calib-samples 128] [--eval-samples 300] [--json out.json]
+                               [--calib-samples 128] [--draws 1] [--eval-samples 300] [--json out.json]
 
 For each scheme the float model of ``RUN`` (a finished run: its ``final/`` and ``config.yaml``) is loaded,
 compressed with ``mmpost.quant`` (calibrated methods on the run's training data), and measured on the run's
@@ -15,8 +15,14 @@ held-out set (``data.eval``, multimodal):
 - ``layer_ratio``: bytes of the quantized layers in the saved compressed-tensors checkpoint over the same
   layers in bfloat16.
 
+With ``--draws K`` each calibrated scheme is run K times on K calibration sets (draw 0 the first samples of the
+training data, draw d > 0 ``--calib-samples`` of them drawn at random with seed d) and its figures are the mean over
+the draws, with their standard deviation (``*_std``) and each draw's KL (``kl_draws``): at small sizes which of two
+schemes drifts less can depend on the calibration set.
+
 Scheme names are the export presets; ``-text`` calibrates on the same samples without their media (what
-text-only tools do), ``-g<N>`` uses groups of N (``w4a16-awq-g128``).
+text-only tools do), ``-g<N>`` uses groups of N (``w4a16-awq-g128``), ``-alpha`` searches SmoothQuant's α per layer
+(``w8a8-alpha``), ``-unbalanced`` makes the searches count media and text tokens alike.
 """
 
 from __future__ import annotations
@@ -37,18 +43,49 @@ DEFAULT_SCHEMES = (
 
 
 def options_for(name: str, calib_samples: int):
+    """A preset with suffixes: ``-text`` (text calibration), ``-g<N>`` (groups of N), ``-alpha`` (SmoothQuant's α
+    searched), ``-unbalanced`` (the searches count every token alike)."""
     import re
 
     from mmpost.quant import PRESETS
 
     group = re.search(r"-g(\d+)", name)
-    base = re.sub(r"-g\d+", "", name.replace("-text", ""))
+    base = re.sub(r"-g\d+|-text|-alpha|-unbalanced", "", name)
     options = replace(PRESETS[base], num_samples=calib_samples)
     if "-text" in name:
         options = replace(options, calibration="text")
     if group:
         options = replace(options, group_size=int(group.group(1)))
+    if "-alpha" in name:
+        options = replace(options, smoothing_search=True)
+    if "-unbalanced" in name:
+        options = replace(options, modality_balance=False)
     return options
+
+
+def draw(samples: list, index: int, count: int) -> list:
+    """Calibration draw ``index``: the first samples for 0, else ``count`` of them at random (seed ``index``)."""
+    if index == 0:
+        return samples
+    import random
+
+    return random.Random(index).sample(samples, min(count, len(samples)))
+
+
+def mean_over_draws(rows: list[dict]) -> dict:
+    """The draws' figures averaged (numbers), with the standard deviation of the measured ones."""
+    import statistics
+
+    out = dict(rows[0])
+    for key, value in rows[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [r[key] for r in rows]
+            out[key] = statistics.fmean(values)
+            if key in ("accuracy", "kl_to_float", "loss") and len(rows) > 1:
+                out[f"{key}_std"] = statistics.stdev(values)
+    if len(rows) > 1:
+        out["kl_draws"] = [r["kl_to_float"] for r in rows]
+    return out
 
 
 def held_out_batches(model, cfg, samples) -> dict[str, list]:
@@ -92,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", help="a finished run directory (final/ and config.yaml)")
     parser.add_argument("--schemes", default=DEFAULT_SCHEMES, help=f"comma-separated (default: {DEFAULT_SCHEMES})")
     parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--draws", type=int, default=1, help="calibration sets per calibrated scheme (default 1)")
     parser.add_argument("--eval-samples", type=int, default=300)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
@@ -118,23 +156,32 @@ def main(argv: list[str] | None = None) -> int:
     tasks = sorted({str(s.meta.get("task", "")) for s in held_out} - {""})
     rows = {}
     for name in args.schemes.split(","):
-        model = load_lmm(final).eval().to(accelerator.device)
-        row: dict = {}
-        if name != "float":
-            options = options_for(name, args.calib_samples)
-            samples = calibration_samples(options, None, final) if options.calibrated else None
-            report = quantize(model, options, samples, progress=False).summary()
-            row |= {"scheme": report["scheme"], "seconds": report["seconds"]}
-            if "mean_error" in report:
-                row |= {"layer_error": report["mean_error"], "rtn_error": report.get("mean_error_rtn")}
-            with tempfile.TemporaryDirectory() as tmp:
-                model.save(Path(tmp) / "q")
-                row["layer_ratio"] = disk_sizes(Path(tmp) / "q")["quantized_layer_ratio"]
-        row |= measure(model, float_model, cfg, batches, tasks, accelerator)
-        if "float" in rows:
-            row["accuracy_change_points"] = 100 * (row["accuracy"] - rows["float"]["accuracy"])
-        rows[name] = row
-        shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+        options = None if name == "float" else options_for(name, args.calib_samples)
+        draws = args.draws if options is not None and options.calibrated else 1
+        samples = calibration_samples(options, None, final) if options is not None and options.calibrated else None
+        runs = []
+        for index in range(draws):
+            model = load_lmm(final).eval().to(accelerator.device)
+            row: dict = {}
+            if options is not None:
+                chosen = draw(samples, index, args.calib_samples) if samples else None
+                report = quantize(model, options, chosen, progress=False).summary()
+                row |= {"scheme": report["scheme"], "seconds": report["seconds"]}
+                if "mean_error" in report:
+                    row |= {"layer_error": report["mean_error"], "rtn_error": report.get("mean_error_rtn")}
+                with tempfile.TemporaryDirectory() as tmp:
+                    model.save(Path(tmp) / "q")
+                    row["layer_ratio"] = disk_sizes(Path(tmp) / "q")["quantized_layer_ratio"]
+            row |= measure(model, float_model, cfg, batches, tasks, accelerator)
+            if "float" in rows:
+                row["accuracy_change_points"] = 100 * (row["accuracy"] - rows["float"]["accuracy"])
+            runs.append(row)
+            if draws > 1:
+                print(f"{name:<18} draw {index}: kl_to_float {row['kl_to_float']:.4g}  accuracy {row['accuracy']:.4g}")
+        rows[name] = row = mean_over_draws(runs)
+        shown = "  ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "kl_draws"
+        )
         print(f"{name:<18} {shown}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
