@@ -131,6 +131,9 @@ def mmpost_errors(bundle: dict, options) -> dict:
     from mmpost.model.quantized import install_runtime, selected_linears
     from mmpost.quant.apply import QuantReport, compress_layers
 
+    # the bundle holds hidden states with no answer to differentiate and no modality per token, as llm-compressor's
+    # side gets them: the searches count every token alike (AWQ's own measure) on both sides
+    options = replace(options, modality_balance=False)
     float_llm, llm = one_layer_model(bundle), one_layer_model(bundle)
     batches = [
         _Batch(

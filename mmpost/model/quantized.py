@@ -227,14 +227,14 @@ def install_runtime(llm: nn.Module, state: QuantState, kv: bool = True) -> Runti
     reload for the activations (transformers 5 does not quantize the KV cache of a reload; vLLM does). ``kv``
     false leaves the KV cache in float, to compare with such a reload.
     """
-    from compressed_tensors.quantization.lifecycle.forward import fake_quantize, forward_quantize
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
     runtime = Runtime()
     if state.activations is not None:
         args = state.activations.args()
 
         def quantize_input(module: nn.Module, inputs: tuple):
-            return (_quantize_dynamic(module, inputs[0], args, forward_quantize), *inputs[1:])
+            return (quantize_dynamic(module, inputs[0], args), *inputs[1:])
 
         for name in state.layers:
             runtime.handles.append(llm.get_submodule(name).register_forward_pre_hook(quantize_input))
@@ -249,9 +249,11 @@ def install_runtime(llm: nn.Module, state: QuantState, kv: bool = True) -> Runti
     return runtime
 
 
-def _quantize_dynamic(module: nn.Module, value: torch.Tensor, args, forward_quantize) -> torch.Tensor:
-    """``value`` quantized per token as compressed-tensors' quantized forward does (it reads the module's status)."""
+def quantize_dynamic(module: nn.Module, value: torch.Tensor, args) -> torch.Tensor:
+    """``value``, an input of ``module``, quantized per token as compressed-tensors' quantized forward does (it
+    reads the module's status)."""
     from compressed_tensors.quantization import QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
 
     status = getattr(module, "quantization_status", None)
     if status is None:  # forward_quantize reads it to skip weights only; a plain module has none

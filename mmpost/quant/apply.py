@@ -33,7 +33,8 @@ from mmpost.quant.kv import kv_scales
 from mmpost.quant.methods import QuantizedWeight, check_group_size, gptq, reconstruction_error, rtn
 from mmpost.quant.options import QuantizeOptions
 from mmpost.quant.prune import check_structure, sparsegpt, wanda
-from mmpost.quant.smooth import apply_scales, awq_search, mappings, smoothquant_scales
+from mmpost.quant.sensitivity import modality_weights
+from mmpost.quant.smooth import apply_scales, awq_search, mappings, smoothquant_scales, smoothquant_search
 
 log = logging.getLogger("mmpost")
 
@@ -54,6 +55,8 @@ class QuantReport:
         samples: calibration samples used (0 for rtn).
         rows, media_rows: input rows (tokens) of the calibration set, and how many were media tokens.
         media_rows_by_layer: gptq only; media-token rows each quantized layer received.
+        modality_weights: modality-balanced searches; per block (attention, MLP) the weight of a media token's and
+            of a text token's output error (``mmpost.quant.sensitivity``).
         errors: calibrated methods; per layer, the relative output error on its calibration inputs of the
             compressed weights (``final``) and of round-to-nearest's alone on the same inputs (``rtn``; absent
             when the weights stay float).
@@ -71,10 +74,11 @@ class QuantReport:
     smoothing: dict[str, dict[str, float]] = field(default_factory=dict)
     sparsity: float | None = None
     media_rows_by_layer: dict[str, int] = field(default_factory=dict)
+    modality_weights: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
 
     def summary(self) -> dict[str, Any]:
-        hidden = ("errors", "media_rows_by_layer", "smoothing")
+        hidden = ("errors", "media_rows_by_layer", "smoothing", "modality_weights")
         out = {k: v for k, v in asdict(self).items() if k not in hidden and v is not None}
         if self.errors:
             out["mean_error"] = sum(e["final"] for e in self.errors.values()) / len(self.errors)
@@ -179,12 +183,17 @@ def compress_layers(
     names = {id(m): name for name, m in model.base_llm.named_modules()}
     done: set[str] = set()
     layers = model.base_llm.get_decoder().layers
+    balance = {}
+    if options.balanced:
+        blocks = [p.parent for layer in layers for p in mappings(layer, names[id(layer)], linears)]
+        balance = modality_weights(model, batches, list({id(b): b for b in blocks}.values()))
+        report.modality_weights = {names[id(b)]: asdict(balance[id(b)]) for b in blocks}
     for layer in tqdm(layers, desc=options.method_label(), unit="layer", disable=not progress):
         mine = {by_module[id(m)]: m for m in layer.modules() if id(m) in by_module}
         if not mine:
             continue
         if options.smoothing is not None or (options.method == "awq" and options.bits is not None):
-            smooth_layer(model, options, batches, layer, names[id(layer)], mine, report)
+            smooth_layer(model, options, batches, layer, names[id(layer)], mine, report, balance)
         stats, _ = layer_inputs(model, batches, layer, mine)
         for name, module in mine.items():
             compress_one(name, module, stats[name].hessian, options, state, report)
@@ -198,24 +207,45 @@ def compress_layers(
             set_weight(linears[name], rtn(linears[name].weight, options.scheme), state, name)
 
 
-def smooth_layer(model: LMM, options: QuantizeOptions, batches, layer, prefix: str, mine: dict, report) -> None:
-    """SmoothQuant's, then AWQ's scales for the decoder layer's pairs, from its float inputs."""
+def smooth_layer(
+    model: LMM, options: QuantizeOptions, batches, layer, prefix: str, mine: dict, report, balance: dict
+) -> None:
+    """SmoothQuant's, then AWQ's scales for the decoder layer's pairs, from its float inputs; ``balance``: the
+    per-modality weights of each block (by ``id``) that the searches use."""
     pairs = mappings(layer, prefix, mine)
     awq = options.method == "awq"
-    parents = [p.parent for p in pairs] if awq else []
+    parents = [p.parent for p in pairs] if awq or options.smoothing_search else []
     stats, cached = layer_inputs(model, batches, layer, {p.names[0]: p.balance[0] for p in pairs}, parents)
-    for pair, replay in zip(pairs, cached if awq else [None] * len(pairs), strict=True):
+    for pair, replay in zip(pairs, cached or [None] * len(pairs), strict=True):
         first = pair.names[0]
+        weights = balance.get(id(pair.parent))
         if options.smoothing is not None and pair.norm_fed:
-            scales = smoothquant_scales(pair, stats[first].abs_max, options.smoothing)
+            if options.smoothing_search:
+                activations = options.activation_scheme
+                chosen = smoothquant_search(
+                    pair, stats[first].abs_max, replay.replay, options.scheme, activations, weights
+                )
+                scales = chosen.scales
+                report.smoothing[first] = {
+                    "alpha": chosen.alpha,
+                    "error": chosen.error,
+                    "none": chosen.unsmoothed_error,
+                }
+            else:
+                scales = smoothquant_scales(pair, stats[first].abs_max, options.smoothing)
+                report.smoothing[first] = {"smoothquant_max_scale": float(scales.max())}
             apply_scales(pair, scales)
-            report.smoothing[first] = {"smoothquant_max_scale": float(scales.max())}
         if awq:
-            # the mean input AWQ weighs channels by, as the layers see it after any SmoothQuant scaling
-            act_mean = stats[first].abs_mean
+            # the mean input AWQ weighs channels by (each modality's tokens counted by their sensitivity when
+            # balanced), as the layers see it after any SmoothQuant scaling
+            act_mean = (
+                stats[first].abs_mean
+                if weights is None
+                else stats[first].weighted_abs_mean(weights.media, weights.text)
+            )
             if first in report.smoothing:
                 act_mean = act_mean / scales.to(act_mean.device)
-            found = awq_search(pair, act_mean, replay.replay, options.scheme, options.awq_grid)
+            found = awq_search(pair, act_mean, replay.replay, options.scheme, options.awq_grid, weights)
             apply_scales(pair, found.scales)
             report.smoothing[first] = {"awq_ratio": found.ratio, "error": found.error, "rtn": found.identity_error}
 

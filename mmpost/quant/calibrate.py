@@ -67,6 +67,7 @@ class InputStats:
         hessian: sum of ``x xᵀ`` over its input rows, float32.
         abs_max: per input channel, the largest ``|x|`` (SmoothQuant).
         abs_sum: per input channel, the sum of ``|x|`` (AWQ's mean activation is ``abs_sum / rows``).
+        media_abs_sum: the same over the media-token rows only.
         rows: input rows (tokens) seen.
         media_rows: of those, rows at media-token positions.
     """
@@ -74,6 +75,7 @@ class InputStats:
     hessian: torch.Tensor
     abs_max: torch.Tensor
     abs_sum: torch.Tensor
+    media_abs_sum: torch.Tensor
     rows: int = 0
     media_rows: int = 0
 
@@ -81,21 +83,27 @@ class InputStats:
     def abs_mean(self) -> torch.Tensor:
         return self.abs_sum / max(self.rows, 1)
 
+    def weighted_abs_mean(self, media: float, text: float) -> torch.Tensor:
+        """Mean ``|x|`` per channel with each media row counted ``media`` times and each text row ``text`` times."""
+        total = media * self.media_abs_sum + text * (self.abs_sum - self.media_abs_sum)
+        return total / max(media * self.media_rows + text * (self.rows - self.media_rows), 1e-12)
+
 
 @dataclass
 class ParentInputs:
-    """A module's calibration calls, to run it again on the same inputs: per batch its arguments and which of its
-    output positions are real tokens."""
+    """A module's calibration calls, to run it again on the same inputs: per batch its arguments, which of its
+    output positions are real tokens, and which of those are media tokens."""
 
     module: nn.Module
-    calls: list[tuple[tuple, dict, torch.Tensor]]
+    calls: list[tuple[tuple, dict, torch.Tensor, torch.Tensor]]
 
     @torch.no_grad()
-    def replay(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def replay(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per call, the module's output ``[B, T, D]`` with the real-token and media-token masks ``[B, T]``."""
         outs = []
-        for args, kwargs, keep in self.calls:
+        for args, kwargs, keep, media in self.calls:
             out = self.module(*args, **kwargs)
-            outs.append((out[0] if isinstance(out, tuple) else out, keep))
+            outs.append((out[0] if isinstance(out, tuple) else out, keep, media))
         return outs
 
 
@@ -121,6 +129,7 @@ def layer_inputs(
             torch.zeros(m.in_features, m.in_features, device=device),
             torch.zeros(m.in_features, device=device),
             torch.zeros(m.in_features, device=device),
+            torch.zeros(m.in_features, device=device),
         )
         for name, m in linears.items()
     }
@@ -135,6 +144,7 @@ def layer_inputs(
             magnitude = rows.abs()
             entry.abs_max = torch.maximum(entry.abs_max, magnitude.amax(dim=0)) if len(rows) else entry.abs_max
             entry.abs_sum += magnitude.sum(dim=0)
+            entry.media_abs_sum += args[0][current["media"]].float().abs().sum(dim=0)
             entry.rows += rows.shape[0]
             entry.media_rows += int(current["media"].sum())
 
@@ -142,7 +152,7 @@ def layer_inputs(
 
     def record(parent: ParentInputs):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            parent.calls.append((args, dict(kwargs), current["keep"]))
+            parent.calls.append((args, dict(kwargs), current["keep"], current["media"]))
 
         return hook
 

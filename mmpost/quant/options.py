@@ -31,7 +31,15 @@ class QuantizeOptions:
         smoothing: SmoothQuant's migration strength α in (0, 1) (Xiao et al. 2022): before the weights are
             rounded, the norm-fed layers' input outliers are moved into their weights; null for none. For
             quantized activations (W8A8); 0.5 is the paper's default.
+        smoothing_search: with smoothing, search α for each pair of layers instead (0.05, 0.10, ..., 0.95): the α
+            whose smoothed layers, weights rounded and inputs quantized per token as in serving, reproduce the
+            block's float outputs best on the calibration inputs. smoothing's value is then unused.
         awq_grid: awq only. Points of the scale search (llm-compressor's default 20).
+        modality_balance: the searches (awq, smoothing_search) weigh each calibration token's output error by how
+            much the answer depends on that block's output at tokens of its modality (media or text): the mean
+            squared gradient of the answer cross-entropy there, from one backward pass of the float model (as MBQ,
+            Li et al. 2025, proposes for vision-language models). false counts every token alike. Without media in
+            the calibration set it changes nothing.
         sparsity: fraction of each layer's weights pruned (0 for none). 2:4 structure prunes exactly 0.5.
         sparsity_structure: 2:4 (two of every four consecutive weights of a row, what sparse tensor cores run) or
             unstructured.
@@ -64,7 +72,9 @@ class QuantizeOptions:
     activations: bool = False
     method: Literal["rtn", "gptq", "awq"] = "gptq"
     smoothing: float | None = ranged(None, gt=0.0, lt=1.0)
+    smoothing_search: bool = False
     awq_grid: int = ranged(20, ge=2)
+    modality_balance: bool = True
     sparsity: float = ranged(0.0, ge=0.0, lt=1.0)
     sparsity_structure: Literal["2:4", "unstructured"] = "unstructured"
     pruning: Literal["sparsegpt", "wanda"] = "sparsegpt"
@@ -100,6 +110,18 @@ class QuantizeOptions:
         )
 
     @property
+    def searches(self) -> bool:
+        """Whether a search picks scales on the calibration outputs (AWQ, SmoothQuant's α search)."""
+        return (self.method == "awq" and self.bits is not None) or (
+            self.smoothing is not None and self.smoothing_search
+        )
+
+    @property
+    def balanced(self) -> bool:
+        """Whether the searches weigh media and text tokens by their sensitivity."""
+        return self.searches and self.modality_balance and self.calibration == "multimodal"
+
+    @property
     def pruned(self) -> bool:
         return self.sparsity > 0
 
@@ -113,7 +135,7 @@ class QuantizeOptions:
         """How the weights are chosen, e.g. ``smoothquant+gptq`` or ``sparsegpt 2:4+gptq``."""
         steps = []
         if self.smoothing is not None:
-            steps.append(f"smoothquant {self.smoothing:g}")
+            steps.append("smoothquant searched" if self.smoothing_search else f"smoothquant {self.smoothing:g}")
         if self.pruned:
             steps.append(f"{self.pruning} {self.sparsity_structure}")
         if self.bits is not None:
@@ -127,6 +149,8 @@ class QuantizeOptions:
         if self.kv_cache:
             parts.append("fp8 kv cache")
         how = self.method_label() + (f", {self.calibration} calibration" if self.calibrated else "")
+        if self.balanced:
+            how += ", modality-balanced"
         return f"{', '.join(parts)} ({how})"
 
 
@@ -179,6 +203,8 @@ def check_options(options: QuantizeOptions) -> None:
         raise ValueError("quantize type float is FP8: bits 8 and symmetric true")
     if o.activations and o.bits != 8:
         raise ValueError(f"quantize activations: true quantizes inputs to 8 bits and needs bits 8, got {o.bits}")
+    if o.smoothing_search and (o.smoothing is None or not o.activations):
+        raise ValueError("quantize smoothing_search needs smoothing (any α, e.g. 0.5) and activations: true")
     if o.smoothing is not None and not 0 < o.smoothing < 1:
         raise ValueError(f"quantize smoothing (SmoothQuant's alpha) must be in (0, 1), got {o.smoothing}")
     if o.bits is None and (o.activations or o.smoothing is not None or o.method == "awq"):

@@ -13,14 +13,18 @@ model. The pairs come from the decoder layer's structure (``mappings``):
 
 SmoothQuant (Xiao et al. 2022) smooths for int8 activations: ``s_j = max|X_j|^α / max|W_j|^(1-α)`` over the
 calibration tokens and over the balanced layers' column ``j``; only the two norm-fed pairs, whose inputs are the
-activations W8A8 quantizes with outliers.
+activations W8A8 quantizes with outliers. ``α`` is either given, as in the paper, or searched per pair
+(``smoothquant_search``): the α of ``ALPHA_GRID`` whose smoothed pair, weights rounded and inputs quantized per token
+as at run time, reproduces the parent's float outputs best, by the same measure as AWQ's search.
 
 AWQ (Lin et al. 2023) protects the weights that meet large activations: for each pair it searches
 ``s = mean|X|^r / mean|Ŵ|^(1-r)`` (``Ŵ`` each weight over its group's maximum) over a grid of ``r`` in [0, 1] and
 keeps the ``s`` whose quantized layers ``Q(W·s)/s`` reproduce the float outputs of the layers' common parent
 (the attention, the MLP, or the single balanced layer) best on the calibration inputs, measured as a mean
-squared error over real tokens. The grid (``r = 0`` without weight means, then ``n_grid - 1`` points with them)
-and the normalisation ``s / sqrt(max s · min s)`` follow llm-compressor's ``AWQModifier`` with ``duo_scaling``.
+squared error over real tokens. When the calibration has media, each token's error (and its input in ``mean|X|``)
+is weighed by its modality's sensitivity (``mmpost.quant.sensitivity``); with all weights 1 this is AWQ's own
+measure. The grid (``r = 0`` without weight means, then ``n_grid - 1`` points with them) and the normalisation
+``s / sqrt(max s · min s)`` follow llm-compressor's ``AWQModifier`` with ``duo_scaling``.
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmpost.model.quantized import WeightScheme
+from mmpost.model.quantized import ActivationScheme, WeightScheme, quantize_dynamic
 from mmpost.quant.methods import rtn
+from mmpost.quant.sensitivity import ModalityWeights
 
 MIN_SCALE = 1e-5
+ALPHA_GRID = tuple(i / 20 for i in range(1, 20))  # SmoothQuant's α searched over 0.05, 0.10, ..., 0.95
 
 
 @dataclass
@@ -102,9 +108,13 @@ def apply_scales(mapping: Mapping, scales: torch.Tensor) -> None:
         smooth.bias.div_(s)
 
 
-def smoothquant_scales(mapping: Mapping, act_max: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``s_j = max|X_j|^α / max|W_j|^(1-α)``; channels never active, or with all-zero weights, keep scale 1."""
-    weight_max = torch.stack([layer.weight.detach().abs().amax(dim=0).float() for layer in mapping.balance]).amax(0)
+def smoothquant_scales(
+    mapping: Mapping, act_max: torch.Tensor, alpha: float, weights: list[torch.Tensor] | None = None
+) -> torch.Tensor:
+    """``s_j = max|X_j|^α / max|W_j|^(1-α)``; channels never active, or with all-zero weights, keep scale 1.
+    ``weights``: the balance layers' weights to use (their current ones by default)."""
+    weights = weights if weights is not None else [layer.weight.detach() for layer in mapping.balance]
+    weight_max = torch.stack([w.abs().amax(dim=0).float() for w in weights]).amax(0)
     act_max = act_max.float().to(weight_max.device)
     scales = act_max.pow(alpha) / weight_max.pow(1 - alpha)
     usable = (act_max > 0) & (weight_max > 0) & torch.isfinite(scales)
@@ -139,15 +149,17 @@ def awq_search(
     replay,
     scheme: WeightScheme,
     n_grid: int = 20,
+    balance: ModalityWeights | None = None,
 ) -> AWQResult:
     """Grid search of AWQ's scales for ``mapping``.
 
     Args:
         act_mean: mean |x| per input channel of the balance layers over the calibration tokens.
-        replay: ``replay() -> list[(output, keep_mask)]``, the parent's outputs on the cached calibration inputs
-            with the layers' current weights; the first call gives the float outputs.
+        replay: ``replay() -> list[(output, keep_mask, media_mask)]``, the parent's outputs on the cached
+            calibration inputs with the layers' current weights; the first call gives the float outputs.
         scheme: the weights' quantization (round to nearest inside the search, as AWQ's paper and llm-compressor
             do; the final weights may then be chosen by GPTQ).
+        balance: the parent's per-modality weights of a token's error (every token alike when None).
     """
     reference = replay()
     originals = [layer.weight.detach().clone() for layer in mapping.balance]
@@ -168,7 +180,7 @@ def awq_search(
             # sensitive to them (bf16-rounded ones pick other ratios on some layers)
             quantized = rtn(scaled, scheme, torch.float32).weight.float()
             layer.weight.copy_((quantized / scales.view(1, -1)).to(w.dtype))
-        error = _mse(reference, replay())
+        error = _mse(reference, replay(), balance)
         if identity_error is None:
             identity_error = error
         if error < best_error:
@@ -182,10 +194,67 @@ def awq_search(
     return AWQResult(best, best_ratio, best_error, identity_error)
 
 
-def _mse(reference: list, got: list) -> float:
+def _mse(reference: list, got: list, balance: ModalityWeights | None = None) -> float:
+    """Mean squared error over the real tokens' outputs, each token's weighed by ``balance`` (1 when None)."""
     total, count = 0.0, 0
-    for (ref, keep), (out, _) in zip(reference, got, strict=True):
-        diff = (ref - out)[keep].float()
-        total += float(diff.pow(2).sum())
-        count += diff.numel()
+    for (ref, keep, media), (out, _, _) in zip(reference, got, strict=True):
+        squared = (ref - out)[keep].float().pow(2).sum(-1)  # [rows]
+        if balance is not None:
+            squared = squared * balance.of_rows(media[keep]).to(squared.device)
+        total += float(squared.sum())
+        count += keep.sum().item() * ref.shape[-1]
     return total / max(count, 1)
+
+
+@dataclass
+class AlphaResult:
+    scales: torch.Tensor
+    alpha: float
+    error: float  # the chosen α's mean squared error of the parent's outputs
+    unsmoothed_error: float  # the same with no smoothing (the pair quantized as it is)
+
+
+@torch.no_grad()
+def smoothquant_search(
+    mapping: Mapping,
+    act_max: torch.Tensor,
+    replay,
+    scheme: WeightScheme,
+    activations: ActivationScheme,
+    balance: ModalityWeights | None = None,
+) -> AlphaResult:
+    """SmoothQuant's α for ``mapping`` chosen on the calibration inputs: for each α of ``ALPHA_GRID`` the balance
+    layers get ``Q(W·s)`` (round to nearest) and the per-token quantized inputs ``Q(x / s)``, as the checkpoint
+    computes them, and the α whose parent outputs are nearest the float ones (``_mse``) is kept. ``act_max``, ``replay``
+    and ``balance`` as in ``awq_search``."""
+    reference = replay()
+    originals = [layer.weight.detach().clone() for layer in mapping.balance]
+    args = activations.args()
+    divisor: dict[str, torch.Tensor] = {}
+
+    def quantized_input(module: nn.Module, inputs: tuple):
+        return (quantize_dynamic(module, inputs[0] / divisor["s"].to(inputs[0].dtype), args), *inputs[1:])
+
+    handles = [layer.register_forward_pre_hook(quantized_input) for layer in mapping.balance]
+    results = []
+    try:
+        for alpha in (None, *ALPHA_GRID):
+            scales = torch.ones_like(act_max, dtype=torch.float32)
+            if alpha is not None:
+                scales = smoothquant_scales(mapping, act_max, alpha, originals).to(originals[0].device)
+            divisor["s"] = scales
+            for layer, w in zip(mapping.balance, originals, strict=True):
+                layer.weight.copy_(rtn(w.float() * scales.view(1, -1), scheme, torch.float32).weight.to(w.dtype))
+            results.append((_mse(reference, replay(), balance), alpha, scales))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer, w in zip(mapping.balance, originals, strict=True):
+            layer.weight.copy_(w)
+    finite = [r for r in results[1:] if r[0] == r[0] and r[0] != float("inf")]
+    if not finite:
+        raise ValueError(
+            f"SmoothQuant: no finite error for {mapping.names[0]}'s inputs; the calibration outputs are not finite"
+        )
+    error, alpha, scales = min(finite, key=lambda r: r[0])
+    return AlphaResult(scales, alpha, error, results[0][0])
