@@ -22,7 +22,8 @@ schemes drifts less can depend on the calibration set.
 
 Scheme names are the export presets; ``-text`` calibrates on the same samples without their media (what
 text-only tools do), ``-g<N>`` uses groups of N (``w4a16-awq-g128``), ``-alpha`` searches SmoothQuant's α per layer
-(``w8a8-alpha``), ``-unbalanced`` makes the searches count media and text tokens alike.
+(``w8a8-alpha``), ``-modality`` makes the searches weigh each token by its modality's sensitivity and ``-token``
+by its own (``balance``).
 """
 
 from __future__ import annotations
@@ -44,13 +45,14 @@ DEFAULT_SCHEMES = (
 
 def options_for(name: str, calib_samples: int):
     """A preset with suffixes: ``-text`` (text calibration), ``-g<N>`` (groups of N), ``-alpha`` (SmoothQuant's α
-    searched), ``-unbalanced`` (the searches count every token alike)."""
+    searched), ``-modality`` (the searches weigh tokens by their modality's sensitivity), ``-token`` (each by its
+    own)."""
     import re
 
     from mmpost.quant import PRESETS
 
     group = re.search(r"-g(\d+)", name)
-    base = re.sub(r"-g\d+|-text|-alpha|-unbalanced", "", name)
+    base = re.sub(r"-g\d+|-text|-alpha|-modality|-token", "", name)
     options = replace(PRESETS[base], num_samples=calib_samples)
     if "-text" in name:
         options = replace(options, calibration="text")
@@ -58,8 +60,10 @@ def options_for(name: str, calib_samples: int):
         options = replace(options, group_size=int(group.group(1)))
     if "-alpha" in name:
         options = replace(options, smoothing_search=True)
-    if "-unbalanced" in name:
-        options = replace(options, modality_balance=False)
+    if "-modality" in name:
+        options = replace(options, balance="modality")
+    if "-token" in name:
+        options = replace(options, balance="token")
     return options
 
 

@@ -133,7 +133,7 @@ def mmpost_errors(bundle: dict, options) -> dict:
 
     # the bundle holds hidden states with no answer to differentiate and no modality per token, as llm-compressor's
     # side gets them: the searches count every token alike (AWQ's own measure) on both sides
-    options = replace(options, modality_balance=False)
+    options = replace(options, balance="none")
     float_llm, llm = one_layer_model(bundle), one_layer_model(bundle)
     batches = [
         _Batch(

@@ -33,7 +33,7 @@ from mmpost.quant.kv import kv_scales
 from mmpost.quant.methods import QuantizedWeight, check_group_size, gptq, reconstruction_error, rtn
 from mmpost.quant.options import QuantizeOptions
 from mmpost.quant.prune import check_structure, sparsegpt, wanda
-from mmpost.quant.sensitivity import modality_weights
+from mmpost.quant.sensitivity import token_weights
 from mmpost.quant.smooth import apply_scales, awq_search, mappings, smoothquant_scales, smoothquant_search
 
 log = logging.getLogger("mmpost")
@@ -56,7 +56,8 @@ class QuantReport:
         rows, media_rows: input rows (tokens) of the calibration set, and how many were media tokens.
         media_rows_by_layer: gptq only; media-token rows each quantized layer received.
         modality_weights: modality-balanced searches; per block (attention, MLP) the weight of a media token's and
-            of a text token's output error (``mmpost.quant.sensitivity``).
+            of a text token's output error (``mmpost.quant.sensitivity``); the summary gives the blocks' median
+            ratio of the two (``media_vs_text_weight``).
         errors: calibrated methods; per layer, the relative output error on its calibration inputs of the
             compressed weights (``final``) and of round-to-nearest's alone on the same inputs (``rtn``; absent
             when the weights stay float).
@@ -84,6 +85,10 @@ class QuantReport:
             out["mean_error"] = sum(e["final"] for e in self.errors.values()) / len(self.errors)
             if all("rtn" in e for e in self.errors.values()):
                 out["mean_error_rtn"] = sum(e["rtn"] for e in self.errors.values()) / len(self.errors)
+        if self.modality_weights:  # the blocks' median weight of a media token's error over a text token's
+            ratios = sorted(w["media"] / w["text"] for w in self.modality_weights.values() if w["text"] > 0)
+            if ratios:
+                out["media_vs_text_weight"] = ratios[len(ratios) // 2]
         return out
 
 
@@ -186,8 +191,10 @@ def compress_layers(
     balance = {}
     if options.balanced:
         blocks = [p.parent for layer in layers for p in mappings(layer, names[id(layer)], linears)]
-        balance = modality_weights(model, batches, list({id(b): b for b in blocks}.values()))
-        report.modality_weights = {names[id(b)]: asdict(balance[id(b)]) for b in blocks}
+        balance = token_weights(model, batches, list({id(b): b for b in blocks}.values()), options.balance)
+        report.modality_weights = {
+            names[id(b)]: {"media": balance[id(b)].media, "text": balance[id(b)].text} for b in blocks
+        }
     for layer in tqdm(layers, desc=options.method_label(), unit="layer", disable=not progress):
         mine = {by_module[id(m)]: m for m in layer.modules() if id(m) in by_module}
         if not mine:
@@ -210,15 +217,16 @@ def compress_layers(
 def smooth_layer(
     model: LMM, options: QuantizeOptions, batches, layer, prefix: str, mine: dict, report, balance: dict
 ) -> None:
-    """SmoothQuant's, then AWQ's scales for the decoder layer's pairs, from its float inputs; ``balance``: the
-    per-modality weights of each block (by ``id``) that the searches use."""
+    """SmoothQuant's or AWQ's scales for the decoder layer's pairs, from its float inputs; ``balance``: each
+    block's token weights (``BlockWeights`` by ``id``) that the searches use."""
     pairs = mappings(layer, prefix, mine)
     awq = options.method == "awq"
     parents = [p.parent for p in pairs] if awq or options.smoothing_search else []
-    stats, cached = layer_inputs(model, batches, layer, {p.names[0]: p.balance[0] for p in pairs}, parents)
+    row_weights = {p.names[0]: balance[id(p.parent)].rows for p in pairs if id(p.parent) in balance}
+    stats, cached = layer_inputs(model, batches, layer, {p.names[0]: p.balance[0] for p in pairs}, parents, row_weights)
     for pair, replay in zip(pairs, cached or [None] * len(pairs), strict=True):
         first = pair.names[0]
-        weights = balance.get(id(pair.parent))
+        weights = row_weights.get(first)
         if options.smoothing is not None and pair.norm_fed:
             if options.smoothing_search:
                 activations = options.activation_scheme
@@ -236,16 +244,8 @@ def smooth_layer(
                 report.smoothing[first] = {"smoothquant_max_scale": float(scales.max())}
             apply_scales(pair, scales)
         if awq:
-            # the mean input AWQ weighs channels by (each modality's tokens counted by their sensitivity when
-            # balanced), as the layers see it after any SmoothQuant scaling
-            act_mean = (
-                stats[first].abs_mean
-                if weights is None
-                else stats[first].weighted_abs_mean(weights.media, weights.text)
-            )
-            if first in report.smoothing:
-                act_mean = act_mean / scales.to(act_mean.device)
-            found = awq_search(pair, act_mean, replay.replay, options.scheme, options.awq_grid, weights)
+            # abs_mean, what AWQ weighs channels by, counts each token by its weight when balanced
+            found = awq_search(pair, stats[first].abs_mean, replay.replay, options.scheme, options.awq_grid, weights)
             apply_scales(pair, found.scales)
             report.smoothing[first] = {"awq_ratio": found.ratio, "error": found.error, "rtn": found.identity_error}
 

@@ -67,7 +67,8 @@ class InputStats:
         hessian: sum of ``x xᵀ`` over its input rows, float32.
         abs_max: per input channel, the largest ``|x|`` (SmoothQuant).
         abs_sum: per input channel, the sum of ``|x|`` (AWQ's mean activation is ``abs_sum / rows``).
-        media_abs_sum: the same over the media-token rows only.
+        weighted_abs_sum: with row weights given, the sum of each row's ``|x|`` times its weight.
+        weight_sum: the sum of those weights.
         rows: input rows (tokens) seen.
         media_rows: of those, rows at media-token positions.
     """
@@ -75,35 +76,34 @@ class InputStats:
     hessian: torch.Tensor
     abs_max: torch.Tensor
     abs_sum: torch.Tensor
-    media_abs_sum: torch.Tensor
+    weighted_abs_sum: torch.Tensor
+    weight_sum: float = 0.0
     rows: int = 0
     media_rows: int = 0
 
     @property
     def abs_mean(self) -> torch.Tensor:
+        """Mean ``|x|`` per channel, each row weighed by its weight when row weights were given."""
+        if self.weight_sum > 0:
+            return self.weighted_abs_sum / self.weight_sum
         return self.abs_sum / max(self.rows, 1)
-
-    def weighted_abs_mean(self, media: float, text: float) -> torch.Tensor:
-        """Mean ``|x|`` per channel with each media row counted ``media`` times and each text row ``text`` times."""
-        total = media * self.media_abs_sum + text * (self.abs_sum - self.media_abs_sum)
-        return total / max(media * self.media_rows + text * (self.rows - self.media_rows), 1e-12)
 
 
 @dataclass
 class ParentInputs:
-    """A module's calibration calls, to run it again on the same inputs: per batch its arguments, which of its
-    output positions are real tokens, and which of those are media tokens."""
+    """A module's calibration calls, to run it again on the same inputs: per batch its arguments and which of its
+    output positions are real tokens."""
 
     module: nn.Module
-    calls: list[tuple[tuple, dict, torch.Tensor, torch.Tensor]]
+    calls: list[tuple[tuple, dict, torch.Tensor]]
 
     @torch.no_grad()
-    def replay(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per call, the module's output ``[B, T, D]`` with the real-token and media-token masks ``[B, T]``."""
+    def replay(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per call (one per calibration batch), the module's output ``[B, T, D]`` and the real-token mask."""
         outs = []
-        for args, kwargs, keep, media in self.calls:
+        for args, kwargs, keep in self.calls:
             out = self.module(*args, **kwargs)
-            outs.append((out[0] if isinstance(out, tuple) else out, keep, media))
+            outs.append((out[0] if isinstance(out, tuple) else out, keep))
         return outs
 
 
@@ -118,10 +118,13 @@ def layer_inputs(
     layer: nn.Module,
     linears: dict[str, nn.Linear],
     parents: list[nn.Module] = (),
+    row_weights: dict[str, list[torch.Tensor]] | None = None,
 ) -> tuple[dict[str, InputStats], list[ParentInputs]]:
     """Runs ``batches`` through the whole LMM up to decoder layer ``layer`` and gathers the inputs of its
     ``linears``, and the calls of ``parents`` (modules inside the layer) for replaying them. Earlier layers are
-    already quantized when the pass goes layer by layer, so each layer compensates the error of those before it."""
+    already quantized when the pass goes layer by layer, so each layer compensates the error of those before it.
+    ``row_weights``: per linear, per batch ``[B, T]`` weights of its input rows for ``InputStats.abs_mean``."""
+    row_weights = row_weights or {}
     placeholder_ids = torch.tensor(list(model.placeholder_ids.values()))
     device = next(model.parameters()).device
     stats = {
@@ -144,7 +147,10 @@ def layer_inputs(
             magnitude = rows.abs()
             entry.abs_max = torch.maximum(entry.abs_max, magnitude.amax(dim=0)) if len(rows) else entry.abs_max
             entry.abs_sum += magnitude.sum(dim=0)
-            entry.media_abs_sum += args[0][current["media"]].float().abs().sum(dim=0)
+            if name in row_weights:
+                weights = row_weights[name][current["index"]].to(rows.device)[current["keep"]]
+                entry.weighted_abs_sum += weights @ magnitude
+                entry.weight_sum += float(weights.sum())
             entry.rows += rows.shape[0]
             entry.media_rows += int(current["media"].sum())
 
@@ -152,7 +158,7 @@ def layer_inputs(
 
     def record(parent: ParentInputs):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            parent.calls.append((args, dict(kwargs), current["keep"], current["media"]))
+            parent.calls.append((args, dict(kwargs), current["keep"]))
 
         return hook
 
@@ -163,8 +169,9 @@ def layer_inputs(
     handles += [p.module.register_forward_pre_hook(record(p), with_kwargs=True) for p in cached]
     handles.append(layer.register_forward_hook(stop))
     try:
-        for batch in batches:
+        for index, batch in enumerate(batches):
             batch = batch.to(device)
+            current["index"] = index
             current["keep"] = batch.attention_mask.bool()
             current["media"] = torch.isin(batch.input_ids, placeholder_ids.to(device)) & current["keep"]
             try:

@@ -21,8 +21,8 @@ AWQ (Lin et al. 2023) protects the weights that meet large activations: for each
 ``s = mean|X|^r / mean|Ŵ|^(1-r)`` (``Ŵ`` each weight over its group's maximum) over a grid of ``r`` in [0, 1] and
 keeps the ``s`` whose quantized layers ``Q(W·s)/s`` reproduce the float outputs of the layers' common parent
 (the attention, the MLP, or the single balanced layer) best on the calibration inputs, measured as a mean
-squared error over real tokens. When the calibration has media, each token's error (and its input in ``mean|X|``)
-is weighed by its modality's sensitivity (``mmpost.quant.sensitivity``); with all weights 1 this is AWQ's own
+squared error over real tokens. With ``balance``, each token's error (and its input in ``mean|X|``)
+is weighed by the answer's sensitivity to it (``mmpost.quant.sensitivity``); with all weights 1 this is AWQ's own
 measure. The grid (``r = 0`` without weight means, then ``n_grid - 1`` points with them) and the normalisation
 ``s / sqrt(max s · min s)`` follow llm-compressor's ``AWQModifier`` with ``duo_scaling``.
 """
@@ -36,7 +36,6 @@ from torch import nn
 
 from mmpost.model.quantized import ActivationScheme, WeightScheme, quantize_dynamic
 from mmpost.quant.methods import rtn
-from mmpost.quant.sensitivity import ModalityWeights
 
 MIN_SCALE = 1e-5
 ALPHA_GRID = tuple(i / 20 for i in range(1, 20))  # SmoothQuant's α searched over 0.05, 0.10, ..., 0.95
@@ -149,17 +148,18 @@ def awq_search(
     replay,
     scheme: WeightScheme,
     n_grid: int = 20,
-    balance: ModalityWeights | None = None,
+    weights: list[torch.Tensor] | None = None,
 ) -> AWQResult:
     """Grid search of AWQ's scales for ``mapping``.
 
     Args:
         act_mean: mean |x| per input channel of the balance layers over the calibration tokens.
-        replay: ``replay() -> list[(output, keep_mask, media_mask)]``, the parent's outputs on the cached
-            calibration inputs with the layers' current weights; the first call gives the float outputs.
+        replay: ``replay() -> list[(output, keep_mask)]``, the parent's outputs on the cached calibration inputs
+            with the layers' current weights, one per calibration batch; the first call gives the float outputs.
         scheme: the weights' quantization (round to nearest inside the search, as AWQ's paper and llm-compressor
             do; the final weights may then be chosen by GPTQ).
-        balance: the parent's per-modality weights of a token's error (every token alike when None).
+        weights: per calibration batch, ``[B, T]`` the weight of each token's output error (every token alike when
+            None; ``mmpost.quant.sensitivity``).
     """
     reference = replay()
     originals = [layer.weight.detach().clone() for layer in mapping.balance]
@@ -180,7 +180,7 @@ def awq_search(
             # sensitive to them (bf16-rounded ones pick other ratios on some layers)
             quantized = rtn(scaled, scheme, torch.float32).weight.float()
             layer.weight.copy_((quantized / scales.view(1, -1)).to(w.dtype))
-        error = _mse(reference, replay(), balance)
+        error = _mse(reference, replay(), weights)
         if identity_error is None:
             identity_error = error
         if error < best_error:
@@ -194,15 +194,15 @@ def awq_search(
     return AWQResult(best, best_ratio, best_error, identity_error)
 
 
-def _mse(reference: list, got: list, balance: ModalityWeights | None = None) -> float:
-    """Mean squared error over the real tokens' outputs, each token's weighed by ``balance`` (1 when None)."""
+def _mse(reference: list, got: list, weights: list[torch.Tensor] | None = None) -> float:
+    """Mean squared error over the real tokens' outputs, each token's weighed by ``weights`` (1 when None)."""
     total, count = 0.0, 0
-    for (ref, keep, media), (out, _, _) in zip(reference, got, strict=True):
+    for i, ((ref, keep), (out, _)) in enumerate(zip(reference, got, strict=True)):
         squared = (ref - out)[keep].float().pow(2).sum(-1)  # [rows]
-        if balance is not None:
-            squared = squared * balance.of_rows(media[keep]).to(squared.device)
+        if weights is not None:
+            squared = squared * weights[i].to(squared.device)[keep]
         total += float(squared.sum())
-        count += keep.sum().item() * ref.shape[-1]
+        count += int(keep.sum()) * ref.shape[-1]
     return total / max(count, 1)
 
 
@@ -221,12 +221,12 @@ def smoothquant_search(
     replay,
     scheme: WeightScheme,
     activations: ActivationScheme,
-    balance: ModalityWeights | None = None,
+    weights: list[torch.Tensor] | None = None,
 ) -> AlphaResult:
     """SmoothQuant's α for ``mapping`` chosen on the calibration inputs: for each α of ``ALPHA_GRID`` the balance
     layers get ``Q(W·s)`` (round to nearest) and the per-token quantized inputs ``Q(x / s)``, as the checkpoint
     computes them, and the α whose parent outputs are nearest the float ones (``_mse``) is kept. ``act_max``, ``replay``
-    and ``balance`` as in ``awq_search``."""
+    and ``weights`` as in ``awq_search``."""
     reference = replay()
     originals = [layer.weight.detach().clone() for layer in mapping.balance]
     args = activations.args()
@@ -245,7 +245,7 @@ def smoothquant_search(
             divisor["s"] = scales
             for layer, w in zip(mapping.balance, originals, strict=True):
                 layer.weight.copy_(rtn(w.float() * scales.view(1, -1), scheme, torch.float32).weight.to(w.dtype))
-            results.append((_mse(reference, replay(), balance), alpha, scales))
+            results.append((_mse(reference, replay(), weights), alpha, scales))
     finally:
         for handle in handles:
             handle.remove()
