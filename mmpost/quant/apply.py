@@ -17,6 +17,7 @@ decoder and for fusion connectors, whose cross-attention runs inside the decoder
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -86,9 +87,9 @@ class QuantReport:
             if all("rtn" in e for e in self.errors.values()):
                 out["mean_error_rtn"] = sum(e["rtn"] for e in self.errors.values()) / len(self.errors)
         if self.modality_weights:  # the blocks' median weight of a media token's error over a text token's
-            ratios = sorted(w["media"] / w["text"] for w in self.modality_weights.values() if w["text"] > 0)
+            ratios = [w["media"] / w["text"] for w in self.modality_weights.values() if w["text"] > 0]
             if ratios:
-                out["media_vs_text_weight"] = ratios[len(ratios) // 2]
+                out["media_vs_text_weight"] = statistics.median_high(ratios)
         return out
 
 

@@ -29,6 +29,7 @@ measure. The grid (``r = 0`` without weight means, then ``n_grid - 1`` points wi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -251,7 +252,7 @@ def smoothquant_search(
             handle.remove()
         for layer, w in zip(mapping.balance, originals, strict=True):
             layer.weight.copy_(w)
-    finite = [r for r in results[1:] if r[0] == r[0] and r[0] != float("inf")]
+    finite = [r for r in results[1:] if math.isfinite(r[0])]
     if not finite:
         raise ValueError(
             f"SmoothQuant: no finite error for {mapping.names[0]}'s inputs; the calibration outputs are not finite"
