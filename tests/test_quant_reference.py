@@ -25,7 +25,7 @@ def test_the_one_layer_model_computes_the_multimodal_models_layer(make_model, ca
     states = quant_reference.layer_states(model, calib[:3], 1)
     assert states[0]["inputs_embeds"].shape[1] > model.media_tokens("image", (3, 32, 32))  # media tokens included
     bundle = quant_reference.make_bundle(model, 1, states, states)
-    one = quant_reference.one_layer_model(bundle)
+    one = quant_reference.bundle_model(bundle)
     seen = {}
     model.base_llm.model.layers[1].register_forward_hook(lambda m, a, out: seen.__setitem__("full", out))
     one.model.layers[0].register_forward_hook(lambda m, a, out: seen.__setitem__("one", out))
@@ -51,6 +51,36 @@ def test_mmpost_side_measures_each_method_on_the_layer(make_model, calib):
     assert all(0 < e < 1 for e in errors["w4a16-gptq"].values())
     q_proj = "model.layers.0.self_attn.q_proj"
     assert errors["w4a16-gptq"][q_proj] < errors["w4a16"][q_proj]  # GPTQ beats rounding on held-out states too
+
+
+def test_the_whole_llm_bundle_reproduces_the_models_answers_and_measures_their_drift(make_model, calib):
+    from mmpost.quant import load_options
+
+    model = spread(make_model("mlp"))
+    states = quant_reference.layer_states(model, calib[:8], 0)
+    bundle = quant_reference.make_bundle(model, None, states[:6], states[6:])
+    llm = quant_reference.bundle_model(bundle)
+    assert len(llm.model.layers) == len(model.base_llm.model.layers)
+    from mmpost.data.pipeline import ConversationPipeline
+
+    pipeline = ConversationPipeline.for_model(model, 4096)
+    with torch.no_grad():
+        batch = pipeline.collate([pipeline.process(calib[6])])
+        answers = model(batch.input_ids, batch.attention_mask, batch.media, batch.labels).logits  # [answer tokens, V]
+        keep = states[6]["labels"][:, 1:] != -100
+        got = llm(inputs_embeds=states[6]["inputs_embeds"], attention_mask=states[6]["attention_mask"]).logits
+    assert torch.allclose(got[:, :-1][keep], answers, atol=1e-4)  # the same answer logits as the multimodal model
+    assert quant_reference.answer_drift(llm, llm, bundle["held_out"]) == {"kl_to_float": 0.0, "greedy_agreement": 1.0}
+    float_llm, rounded = quant_reference.mmpost_compress(bundle, load_options("w4a16", group_size=32))
+    drift = quant_reference.answer_drift(float_llm, rounded, bundle["held_out"])
+    assert drift["kl_to_float"] > 0
+    weights = {
+        n: m.weight.detach().clone()
+        for n, m in rounded.named_modules()
+        if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)
+    }
+    again = quant_reference.answer_drift(float_llm, quant_reference.with_weights(bundle, weights), bundle["held_out"])
+    assert again["kl_to_float"] == pytest.approx(drift["kl_to_float"], rel=1e-4)  # dequantized weights carry it all
 
 
 @pytest.mark.slow

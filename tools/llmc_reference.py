@@ -2,7 +2,8 @@
 
 What it is
     A stand-alone harness (it does not import mmpost) that runs llm-compressor's
-    own modifiers on a 1-layer LlamaForCausalLM built from a bundle, so another
+    own modifiers on a LlamaForCausalLM built from a bundle (one decoder layer, or
+    a whole LLM for end-to-end comparisons), so another
     implementation's per-layer errors can be compared with llm-compressor's on the
     same weights and the same calibration inputs.  The bundle's ``inputs_embeds``
     are the hidden states that entered the decoder layer inside a bigger model; fed
@@ -43,7 +44,9 @@ llmcompressor==0.14.0.1``; no model hub is needed, set HF_HUB_OFFLINE=1)
     VENV/bin/python tools/llmc_reference.py BUNDLE.pt --out RESULT.json
     VENV/bin/python tools/llmc_reference.py --make-synthetic BUNDLE.pt --recipe gptq_w4a16
 The second form writes a small synthetic bundle.  Besides RESULT.json the run
-writes RESULT.weights.pt: {linear name: dequantized float weight of layer 0}.
+writes RESULT.weights.pt: {module name: dequantized float weight} of every
+Linear and norm of every decoder layer of the bundle (the norms hold the
+smoothing scales); the errors above are layer 0's.
 """
 
 import argparse
@@ -79,6 +82,7 @@ LINEARS = [
     "mlp.up_proj",
     "mlp.down_proj",
 ]
+NORMS = ["input_layernorm", "post_attention_layernorm"]
 PREFIX = "model.layers.0."
 
 
@@ -267,7 +271,6 @@ def run(bundle_path, out_path):
         cfg.pop(k, None)
     config = LlamaConfig(**cfg)
     config._attn_implementation = "eager"  # what llm-compressor calibrates with
-    assert config.num_hidden_layers == 1, "bundle must describe a 1-layer model"
     model = LlamaForCausalLM(config).float().eval()
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in bundle["state_dict"].items()}, strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # absent when tied
@@ -303,10 +306,15 @@ def run(bundle_path, out_path):
 
     errors, act_check = held_out_errors(float_model, model, bundle["held_out"])
     weights, sparsity = {}, {}
-    for n in LINEARS:
-        w = dequantized_weight(model.get_submodule(PREFIX + n))
-        weights[PREFIX + n] = w
-        sparsity[PREFIX + n] = float((w == 0).float().mean())
+    for layer in range(config.num_hidden_layers):
+        for n in LINEARS:
+            name = f"model.layers.{layer}.{n}"
+            weights[name] = dequantized_weight(model.get_submodule(name))
+            if layer == 0:
+                sparsity[name] = float((weights[name] == 0).float().mean())
+        for norm in NORMS:  # AWQ and SmoothQuant divide the norms' weights by their scales
+            name = f"model.layers.{layer}.{norm}"
+            weights[name] = model.get_submodule(name).weight.detach().float().cpu().clone()
     result = {
         "recipe": recipe,
         "llmcompressor": llmcompressor.__version__,
@@ -318,7 +326,7 @@ def run(bundle_path, out_path):
     }
     if "2of4" in recipe:  # fraction of groups of 4 (along inputs) with >= 2 zeros
         result["two_of_four"] = {
-            n: float(((w.reshape(-1, 4) == 0).sum(1) >= 2).float().mean()) for n, w in weights.items()
+            n: float(((w.reshape(-1, 4) == 0).sum(1) >= 2).float().mean()) for n, w in weights.items() if n in sparsity
         }
     with open(out_path, "w") as f:
         json.dump(result, f, indent=2)

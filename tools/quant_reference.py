@@ -1,6 +1,6 @@
 """mmpost's compression methods against llm-compressor's on the same decoder layer and the same inputs.
 
-    python tools/quant_reference.py RUN --reference-python VENV/bin/python [--layer 1] [--recipes a,b]
+    python tools/quant_reference.py RUN --reference-python VENV/bin/python [--layer 1 | --whole] [--recipes a,b]
                                     [--calib-samples 32] [--held-out 16] [--group-size 64] [--json out.json]
     python tools/quant_reference.py MODEL_DIR --calib DATA --held-out-data DATA [--image-root DIR] ...
 
@@ -12,6 +12,13 @@ separate environment since llm-compressor pins other versions of torch, transfor
 and mmpost (``mmpost.quant``'s own layer-by-layer code, unchanged) compress it on the calibration states, and both
 are measured with the same code on the held-out states: per linear layer, ``sum((y_q - y_f)^2) / sum(y_f^2)``.
 ``ratio`` is mmpost's error over llm-compressor's; the acceptance bar is ratio <= 1.10 on every layer.
+
+With ``--whole`` the bundle is the whole LLM fed the states entering its first decoder layer (text embeddings with
+the connected media in place), each library compresses all of it, and the comparison is end to end on the held-out
+answer tokens: KL(float || compressed) of the next-token distributions and greedy agreement with the float model,
+for weight-only recipes (llm-compressor's dequantized weights in a plain model are then its compressed forward),
+with mmpost's round to nearest as the baseline the calibrated methods should beat. ``--text-calib`` calibrates both
+on the same samples without their media (the held-out states keep theirs).
 
 mmpost runs GPTQ with ``act_order`` on, as llm-compressor's GPTQ does by default (static groups). Under AWQ a
 linear layer that feeds another (``up_proj`` into ``down_proj``; ``v_proj`` into ``o_proj`` without grouped-query
@@ -34,6 +41,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import llmc_reference  # noqa: E402  (the measuring code, shared with the reference side)
 
+WEIGHT_ONLY = {
+    "gptq_w4a16",
+    "awq_w4a16",
+    "sparsegpt_2of4",
+    "wanda_2of4",
+    "sparsegpt_unstructured",
+    "sparsegpt_2of4_w4a16",
+}
 RECIPES = {
     "gptq_w4a16": ("w4a16-gptq", {"act_order": True}),
     "awq_w4a16": ("w4a16-awq", {}),
@@ -48,7 +63,8 @@ RECIPES = {
 
 
 def layer_states(model, samples, layer_index: int) -> list[dict]:
-    """The hidden states entering decoder layer ``layer_index``, one sample at a time (no padding)."""
+    """The hidden states entering decoder layer ``layer_index``, one sample at a time (no padding), with the
+    sample's labels (answer tokens, ``-100`` elsewhere)."""
     from mmpost.data.pipeline import ConversationPipeline
 
     layer = model.base_llm.get_decoder().layers[layer_index]
@@ -69,24 +85,29 @@ def layer_states(model, samples, layer_index: int) -> list[dict]:
                     model.hidden_states(batch.input_ids, batch.attention_mask, batch.media)
                 except StopIteration:
                     pass
-                out.append({"inputs_embeds": seen["x"], "attention_mask": batch.attention_mask.long()})
+                out.append(
+                    {"inputs_embeds": seen["x"], "attention_mask": batch.attention_mask.long(), "labels": batch.labels}
+                )
     finally:
         handle.remove()
     return out
 
 
-def make_bundle(model, layer_index: int, calib: list, held_out: list) -> dict:
-    """The one-layer Llama holding decoder layer ``layer_index`` of ``model``'s LLM, and its inputs."""
+def make_bundle(model, layer_index: int | None, calib: list, held_out: list) -> dict:
+    """The one-layer Llama holding decoder layer ``layer_index`` of ``model``'s LLM, or the whole LLM when
+    ``layer_index`` is None, and its inputs."""
     base = model.base_llm
-    config = base.config.to_dict() | {"num_hidden_layers": 1, "tie_word_embeddings": False}
+    config = base.config.to_dict() | {"tie_word_embeddings": False}
     config.pop("quantization_config", None)
-    prefix = f"model.layers.{layer_index}."
-    state = {}
-    for key, value in base.state_dict().items():
-        if key.startswith(prefix):
-            state["model.layers.0." + key[len(prefix) :]] = value.float()
-        elif not key.startswith("model.layers."):
-            state[key] = value.float()
+    state = {key: value.float() for key, value in base.state_dict().items()}
+    if layer_index is not None:
+        config["num_hidden_layers"] = 1
+        prefix = f"model.layers.{layer_index}."
+        state = {
+            "model.layers.0." + key[len(prefix) :] if key.startswith(prefix) else key: value
+            for key, value in state.items()
+            if key.startswith(prefix) or not key.startswith("model.layers.")
+        }
     state.setdefault("lm_head.weight", base.get_output_embeddings().weight.float())
     return {"config": config, "state_dict": state, "calib": calib, "held_out": held_out}
 
@@ -117,7 +138,7 @@ class _OneLayer:
         return self.base_llm.model(inputs_embeds=media["embeds"], attention_mask=attention_mask, use_cache=False)
 
 
-def one_layer_model(bundle: dict):
+def bundle_model(bundle: dict):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**{k: v for k, v in bundle["config"].items() if k not in ("architectures", "model_type")})
@@ -127,14 +148,15 @@ def one_layer_model(bundle: dict):
     return llm
 
 
-def mmpost_errors(bundle: dict, options) -> dict:
+def mmpost_compress(bundle: dict, options):
+    """The bundle's float model and the same compressed by mmpost on the bundle's calibration states."""
     from mmpost.model.quantized import install_runtime, selected_linears
     from mmpost.quant.apply import QuantReport, compress_layers
 
     # the bundle holds hidden states with no answer to differentiate and no modality per token, as llm-compressor's
     # side gets them: the searches count every token alike (AWQ's own measure) on both sides
     options = replace(options, balance="none")
-    float_llm, llm = one_layer_model(bundle), one_layer_model(bundle)
+    float_llm, llm = bundle_model(bundle), bundle_model(bundle)
     batches = [
         _Batch(
             [0],
@@ -149,8 +171,50 @@ def mmpost_errors(bundle: dict, options) -> dict:
     with torch.no_grad():
         compress_layers(_OneLayer(llm), options, batches, linears, state, QuantReport("", len(linears)), False)
     install_runtime(llm, state)
+    return float_llm, llm
+
+
+def mmpost_errors(bundle: dict, options) -> dict:
+    float_llm, llm = mmpost_compress(bundle, options)
     errors, _ = llmc_reference.held_out_errors(float_llm, llm, bundle["held_out"])
     return errors
+
+
+@torch.no_grad()
+def answer_drift(float_llm, llm, held_out: list) -> dict:
+    """KL(float || compressed) of the next-token distributions over the held-out answer tokens, and how often
+    the compressed model's greedy token is the float model's there."""
+    kl, same, tokens = 0.0, 0, 0
+    for s in held_out:
+        kw = {"inputs_embeds": s["inputs_embeds"], "attention_mask": s["attention_mask"], "use_cache": False}
+        keep = s["labels"][:, 1:] != -100  # position t predicts token t + 1
+        p = float_llm(**kw).logits[:, :-1][keep].float().log_softmax(-1)
+        q = llm(**kw).logits[:, :-1][keep].float().log_softmax(-1)
+        kl += float((p.exp() * (p - q)).sum())
+        same += int((p.argmax(-1) == q.argmax(-1)).sum())
+        tokens += int(keep.sum())
+    return {"kl_to_float": kl / max(tokens, 1), "greedy_agreement": same / max(tokens, 1)}
+
+
+def with_weights(bundle: dict, weights: dict):
+    """The bundle's model with the weights llm-compressor produced, its linear layers' dequantized and its norms'
+    smoothed (for weight-only schemes the forward is then exactly the compressed one)."""
+    llm = bundle_model(bundle)
+    with torch.no_grad():
+        for name, weight in weights.items():
+            llm.get_submodule(name).weight.copy_(weight)
+    return llm
+
+
+def reference_run(python: str, bundle: dict, recipe: str, options, group_size: int, tmp: str):
+    """llm-compressor's result for ``recipe`` on ``bundle`` (its JSON) and its dequantized weights."""
+    path = Path(tmp) / f"{recipe}.pt"
+    settings = {"group_size": group_size, "smoothing_strength": 0.5, "dampening": options.dampening, "sparsity": 0.5}
+    torch.save(bundle | {"recipe": recipe, "options": settings}, path)
+    result = Path(tmp) / f"{recipe}.json"
+    command = [python, str(Path(__file__).parent / "llmc_reference.py"), str(path), "--out", str(result)]
+    subprocess.run(command, check=True, capture_output=True)
+    return json.loads(result.read_text()), torch.load(Path(tmp) / f"{recipe}.weights.pt")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", help="a finished run directory (final/ and config.yaml)")
     parser.add_argument("--reference-python", required=True, help="python of an environment with llmcompressor")
     parser.add_argument("--layer", type=int, default=1)
+    parser.add_argument(
+        "--whole", action="store_true", help="compress the whole LLM and compare the answers' drift (weight-only)"
+    )
+    parser.add_argument(
+        "--text-calib", action="store_true", help="calibrate on the samples without their media (text-only tools)"
+    )
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--held-out", type=int, default=16)
@@ -193,43 +263,44 @@ def main(argv: list[str] | None = None) -> int:
         model = load_lmm(run).eval()
     calib = read_source(train, "data.train" if from_run else "--calib")[: args.calib_samples]
     held_out = read_source(evaluation, "data.eval" if from_run else "--held-out-data")[: args.held_out]
+    if args.text_calib:
+        from mmpost.quant.calibrate import text_only
+
+        calib = [text_only(sample) for sample in calib]
+    layer = None if args.whole else args.layer
+    if args.whole and set(args.recipes.split(",")) - WEIGHT_ONLY:
+        parser.error(f"--whole compares weight-only recipes: {sorted(WEIGHT_ONLY)}")
     bundle = make_bundle(
-        model, args.layer, layer_states(model, calib, args.layer), layer_states(model, held_out, args.layer)
+        model, layer, layer_states(model, calib, layer or 0), layer_states(model, held_out, layer or 0)
     )
     rows = {}
+    if args.whole:  # round to nearest, the baseline the calibrated methods should beat
+        rtn = replace(load_options("w4a16"), group_size=args.group_size)
+        rows["rtn_w4a16"] = {"mmpost": answer_drift(*mmpost_compress(bundle, rtn), bundle["held_out"])}
+        print(f"{'rtn_w4a16':<24} mmpost kl {rows['rtn_w4a16']['mmpost']['kl_to_float']:.4g}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in args.recipes.split(","):
             preset, overrides = RECIPES[recipe]
             options = replace(
                 load_options(preset), group_size=load_options(preset).group_size and args.group_size, **overrides
             )
-            path = Path(tmp) / f"{recipe}.pt"
-            torch.save(
-                bundle
-                | {
-                    "recipe": recipe,
-                    "options": {
-                        "group_size": args.group_size,
-                        "smoothing_strength": 0.5,
-                        "dampening": options.dampening,
-                        "sparsity": 0.5,
-                    },
-                },
-                path,
-            )
-            result = Path(tmp) / f"{recipe}.json"
-            subprocess.run(
-                [
-                    args.reference_python,
-                    str(Path(__file__).parent / "llmc_reference.py"),
-                    str(path),
-                    "--out",
-                    str(result),
-                ],
-                check=True,
-                capture_output=True,
-            )
-            reference = json.loads(result.read_text())
+            reference, weights = reference_run(args.reference_python, bundle, recipe, options, args.group_size, tmp)
+            if args.whole:
+                float_llm, llm = mmpost_compress(bundle, options)
+                ours = answer_drift(float_llm, llm, bundle["held_out"])
+                theirs = answer_drift(float_llm, with_weights(bundle, weights), bundle["held_out"])
+                rows[recipe] = {
+                    "mmpost": ours,
+                    "llmcompressor": theirs,
+                    "ratio": ours["kl_to_float"] / theirs["kl_to_float"],
+                }
+                print(
+                    f"{recipe:<24} kl mmpost {ours['kl_to_float']:.4g}  llm-compressor {theirs['kl_to_float']:.4g}  "
+                    f"ratio {rows[recipe]['ratio']:.3f}  greedy agreement {ours['greedy_agreement']:.4f}/"
+                    f"{theirs['greedy_agreement']:.4f}",
+                    flush=True,
+                )
+                continue
             theirs = reference["errors"]
             ours = mmpost_errors(bundle, options)
             layers = [n for n in ours if n != "layer"]
