@@ -138,6 +138,28 @@ def test_awq_and_smoothquant_lower_the_error_of_round_to_nearest(make_model, cal
     assert sum(s["error"] for s in report.smoothing.values()) < 0.95 * sum(s["rtn"] for s in report.smoothing.values())
 
 
+@pytest.mark.parametrize("preset", ["w4a16-awq", "w8a8"])
+def test_every_layers_scales_are_searched_on_the_float_models_inputs(make_model, calib, monkeypatch, preset):
+    """As AWQ's paper and llm-compressor do: a later layer's scales do not depend on how the earlier ones were
+    rounded, so a pass that rounds nothing smooths every layer alike (the norms hold the scales)."""
+    import mmpost.quant.apply as apply
+
+    def norms(model):
+        return {n: p.detach().clone() for n, p in model.base_llm.named_parameters() if "layernorm" in n}
+
+    options = load_options(preset, group_size=32 if "awq" in preset else None, num_samples=16)
+    rounded = spread(make_model("mlp"))
+    quantize(rounded, options, calib)
+    monkeypatch.setattr(apply, "compress_one", lambda *args, **kwargs: None)
+    unrounded = spread(make_model("mlp"))
+    quantize(unrounded, options, calib)
+    got, want = norms(rounded), norms(unrounded)
+    assert len(want) == 2 * len(rounded.base_llm.model.layers)
+    assert any(not torch.equal(w, spread(make_model("mlp")).base_llm.get_parameter(n)) for n, w in want.items())
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
 @pytest.mark.parametrize("pruning", ["sparsegpt", "wanda"])
 @pytest.mark.parametrize("structure, sparsity", [("2:4", 0.5), ("unstructured", 0.4)])
 def test_pruning_reaches_its_pattern_and_sparsegpt_compensates(make_model, calib, pruning, structure, sparsity):
