@@ -217,6 +217,32 @@ def reference_run(python: str, bundle: dict, recipe: str, options, group_size: i
     return json.loads(result.read_text()), torch.load(Path(tmp) / f"{recipe}.weights.pt")
 
 
+def layer_row(bundle: dict, options, reference: dict, weights: dict) -> dict:
+    """Per linear layer of the bundle's layer, mmpost's held-out error, llm-compressor's and their ratio."""
+    theirs = reference["errors"]
+    ours = mmpost_errors(bundle, options)
+    layers = [n for n in ours if n != "layer"]
+    ratio = {n: ours[n] / theirs[n] if theirs[n] else float("nan") for n in layers}
+    row = {"mmpost": ours, "llmcompressor": theirs, "ratio": ratio, "worst_ratio": max(ratio.values())}
+    if "two_of_four" in reference:  # below 1: llm-compressor's weights are no longer 2:4 (its GPTQ after 2:4)
+        row["llmcompressor_two_of_four"] = min(reference["two_of_four"].values())
+    cells = "  ".join(f"{n.split('.')[-1]} {ours[n]:.3g}/{theirs[n]:.3g}" for n in layers)
+    return row | {"line": f"worst ratio {row['worst_ratio']:.3f}   {cells}"}
+
+
+def whole_row(bundle: dict, options, reference: dict, weights: dict) -> dict:
+    """The held-out answers' drift of the whole LLM compressed by mmpost and by llm-compressor."""
+    float_llm, llm = mmpost_compress(bundle, options)
+    ours = answer_drift(float_llm, llm, bundle["held_out"])
+    theirs = answer_drift(float_llm, with_weights(bundle, weights), bundle["held_out"])
+    ratio = ours["kl_to_float"] / theirs["kl_to_float"]
+    line = (
+        f"kl mmpost {ours['kl_to_float']:.4g}  llm-compressor {theirs['kl_to_float']:.4g}  ratio {ratio:.3f}  "
+        f"greedy agreement {ours['greedy_agreement']:.4f}/{theirs['greedy_agreement']:.4f}"
+    )
+    return {"mmpost": ours, "llmcompressor": theirs, "ratio": ratio, "line": line}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a finished run directory (final/ and config.yaml)")
@@ -285,31 +311,9 @@ def main(argv: list[str] | None = None) -> int:
                 load_options(preset), group_size=load_options(preset).group_size and args.group_size, **overrides
             )
             reference, weights = reference_run(args.reference_python, bundle, recipe, options, args.group_size, tmp)
-            if args.whole:
-                float_llm, llm = mmpost_compress(bundle, options)
-                ours = answer_drift(float_llm, llm, bundle["held_out"])
-                theirs = answer_drift(float_llm, with_weights(bundle, weights), bundle["held_out"])
-                rows[recipe] = {
-                    "mmpost": ours,
-                    "llmcompressor": theirs,
-                    "ratio": ours["kl_to_float"] / theirs["kl_to_float"],
-                }
-                print(
-                    f"{recipe:<24} kl mmpost {ours['kl_to_float']:.4g}  llm-compressor {theirs['kl_to_float']:.4g}  "
-                    f"ratio {rows[recipe]['ratio']:.3f}  greedy agreement {ours['greedy_agreement']:.4f}/"
-                    f"{theirs['greedy_agreement']:.4f}",
-                    flush=True,
-                )
-                continue
-            theirs = reference["errors"]
-            ours = mmpost_errors(bundle, options)
-            layers = [n for n in ours if n != "layer"]
-            ratio = {n: ours[n] / theirs[n] if theirs[n] else float("nan") for n in layers}
-            rows[recipe] = {"mmpost": ours, "llmcompressor": theirs, "ratio": ratio, "worst_ratio": max(ratio.values())}
-            if "two_of_four" in reference:  # below 1: llm-compressor's weights are no longer 2:4 (its GPTQ after 2:4)
-                rows[recipe]["llmcompressor_two_of_four"] = min(reference["two_of_four"].values())
-            cells = "  ".join(f"{n.split('.')[-1]} {ours[n]:.3g}/{theirs[n]:.3g}" for n in layers)
-            print(f"{recipe:<24} worst ratio {max(ratio.values()):.3f}   {cells}", flush=True)
+            compare = whole_row if args.whole else layer_row
+            rows[recipe] = compare(bundle, options, reference, weights)
+            print(f"{recipe:<24} {rows[recipe].pop('line')}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
