@@ -217,7 +217,7 @@ def reference_run(python: str, bundle: dict, recipe: str, options, group_size: i
     return json.loads(result.read_text()), torch.load(Path(tmp) / f"{recipe}.weights.pt")
 
 
-def layer_row(bundle: dict, options, reference: dict, weights: dict) -> dict:
+def layer_row(bundle: dict, options, reference: dict) -> dict:
     """Per linear layer of the bundle's layer, mmpost's held-out error, llm-compressor's and their ratio."""
     theirs = reference["errors"]
     ours = mmpost_errors(bundle, options)
@@ -230,7 +230,7 @@ def layer_row(bundle: dict, options, reference: dict, weights: dict) -> dict:
     return row | {"line": f"worst ratio {row['worst_ratio']:.3f}   {cells}"}
 
 
-def whole_row(bundle: dict, options, reference: dict, weights: dict) -> dict:
+def whole_row(bundle: dict, options, weights: dict) -> dict:
     """The held-out answers' drift of the whole LLM compressed by mmpost and by llm-compressor."""
     float_llm, llm = mmpost_compress(bundle, options)
     ours = answer_drift(float_llm, llm, bundle["held_out"])
@@ -311,8 +311,10 @@ def main(argv: list[str] | None = None) -> int:
                 load_options(preset), group_size=load_options(preset).group_size and args.group_size, **overrides
             )
             reference, weights = reference_run(args.reference_python, bundle, recipe, options, args.group_size, tmp)
-            compare = whole_row if args.whole else layer_row
-            rows[recipe] = compare(bundle, options, reference, weights)
+            if args.whole:
+                rows[recipe] = whole_row(bundle, options, weights)
+            else:
+                rows[recipe] = layer_row(bundle, options, reference)
             print(f"{recipe:<24} {rows[recipe].pop('line')}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
