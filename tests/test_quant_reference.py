@@ -53,7 +53,8 @@ def test_mmpost_side_measures_each_method_on_the_layer(make_model, calib):
     assert errors["w4a16-gptq"][q_proj] < errors["w4a16"][q_proj]  # GPTQ beats rounding on held-out states too
 
 
-def test_the_whole_llm_bundle_reproduces_the_models_answers_and_measures_their_drift(make_model, calib):
+@pytest.mark.parametrize("preset", ["w4a16", "w8a8-rtn"])
+def test_the_whole_llm_bundle_reproduces_the_models_answers_and_measures_their_drift(make_model, calib, preset):
     from mmpost.quant import load_options
 
     model = spread(make_model("mlp"))
@@ -71,7 +72,8 @@ def test_the_whole_llm_bundle_reproduces_the_models_answers_and_measures_their_d
         got = llm(inputs_embeds=states[6]["inputs_embeds"], attention_mask=states[6]["attention_mask"]).logits
     assert torch.allclose(got[:, :-1][keep], answers, atol=1e-4)  # the same answer logits as the multimodal model
     assert quant_reference.answer_drift(llm, llm, bundle["held_out"]) == {"kl_to_float": 0.0, "greedy_agreement": 1.0}
-    float_llm, rounded = quant_reference.mmpost_compress(bundle, load_options("w4a16", group_size=32))
+    options = load_options(preset, group_size=load_options(preset).group_size and 32)
+    float_llm, rounded, state = quant_reference.mmpost_compress(bundle, options)
     drift = quant_reference.answer_drift(float_llm, rounded, bundle["held_out"])
     assert drift["kl_to_float"] > 0
     weights = {
@@ -79,8 +81,15 @@ def test_the_whole_llm_bundle_reproduces_the_models_answers_and_measures_their_d
         for n, m in rounded.named_modules()
         if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)
     }
-    again = quant_reference.answer_drift(float_llm, quant_reference.with_weights(bundle, weights), bundle["held_out"])
-    assert again["kl_to_float"] == pytest.approx(drift["kl_to_float"], rel=1e-4)  # dequantized weights carry it all
+    # dequantized weights carry it all, with the inputs quantized per token where the scheme does so
+    again = quant_reference.with_weights(bundle, weights, state)
+    assert quant_reference.answer_drift(float_llm, again, bundle["held_out"])["kl_to_float"] == pytest.approx(
+        drift["kl_to_float"], rel=1e-4
+    )
+    if state.activations is not None:  # without the inputs' quantization the same weights drift less
+        weights_only = quant_reference.with_weights(bundle, weights)
+        plain = quant_reference.answer_drift(float_llm, weights_only, bundle["held_out"])
+        assert plain["kl_to_float"] < 0.9 * drift["kl_to_float"]
 
 
 @pytest.mark.slow

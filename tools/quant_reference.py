@@ -16,9 +16,10 @@ are measured with the same code on the held-out states: per linear layer, ``sum(
 With ``--whole`` the bundle is the whole LLM fed the states entering its first decoder layer (text embeddings with
 the connected media in place), each library compresses all of it, and the comparison is end to end on the held-out
 answer tokens: KL(float || compressed) of the next-token distributions and greedy agreement with the float model,
-for weight-only recipes (llm-compressor's dequantized weights in a plain model are then its compressed forward),
-with mmpost's round to nearest as the baseline the calibrated methods should beat. ``--text-calib`` calibrates both
-on the same samples without their media (the held-out states keep theirs).
+with mmpost's round to nearest as the baseline the calibrated methods should beat. llm-compressor's side is its
+dequantized weights in a plain model, which is its compressed forward for weight-only recipes; for W8A8 and FP8 the
+quantized layers' inputs are then quantized per token with the same compressed-tensors code on both sides.
+``--text-calib`` calibrates both on the same samples without their media (the held-out states keep theirs).
 
 mmpost runs GPTQ with ``act_order`` on, as llm-compressor's GPTQ does by default (static groups). Under AWQ a
 linear layer that feeds another (``up_proj`` into ``down_proj``; ``v_proj`` into ``o_proj`` without grouped-query
@@ -41,14 +42,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import llmc_reference  # noqa: E402  (the measuring code, shared with the reference side)
 
-WEIGHT_ONLY = {
-    "gptq_w4a16",
-    "awq_w4a16",
-    "sparsegpt_2of4",
-    "wanda_2of4",
-    "sparsegpt_unstructured",
-    "sparsegpt_2of4_w4a16",
-}
 RECIPES = {
     "gptq_w4a16": ("w4a16-gptq", {"act_order": True}),
     "awq_w4a16": ("w4a16-awq", {}),
@@ -149,7 +142,8 @@ def bundle_model(bundle: dict):
 
 
 def mmpost_compress(bundle: dict, options):
-    """The bundle's float model and the same compressed by mmpost on the bundle's calibration states."""
+    """The bundle's float model, the same compressed by mmpost on the bundle's calibration states, and mmpost's
+    record of that compression (its ``QuantState``)."""
     from mmpost.model.quantized import install_runtime, selected_linears
     from mmpost.quant.apply import QuantReport, compress_layers
 
@@ -170,12 +164,12 @@ def mmpost_compress(bundle: dict, options):
     state = options.new_state()
     with torch.no_grad():
         compress_layers(_OneLayer(llm), options, batches, linears, state, QuantReport("", len(linears)), False)
-    install_runtime(llm, state)
-    return float_llm, llm
+    state.runtime = install_runtime(llm, state)
+    return float_llm, llm, state
 
 
 def mmpost_errors(bundle: dict, options) -> dict:
-    float_llm, llm = mmpost_compress(bundle, options)
+    float_llm, llm, _ = mmpost_compress(bundle, options)
     errors, _ = llmc_reference.held_out_errors(float_llm, llm, bundle["held_out"])
     return errors
 
@@ -196,13 +190,19 @@ def answer_drift(float_llm, llm, held_out: list) -> dict:
     return {"kl_to_float": kl / max(tokens, 1), "greedy_agreement": same / max(tokens, 1)}
 
 
-def with_weights(bundle: dict, weights: dict):
+def with_weights(bundle: dict, weights: dict, state=None):
     """The bundle's model with the weights llm-compressor produced, its linear layers' dequantized and its norms'
-    smoothed (for weight-only schemes the forward is then exactly the compressed one)."""
+    smoothed. For weight-only schemes its forward is then exactly the compressed one; for schemes that quantize
+    activations, ``state`` (mmpost's record of the same scheme) adds the per-token quantization of the quantized
+    layers' inputs, with compressed-tensors' arithmetic as llm-compressor's quantized forward does."""
+    from mmpost.model.quantized import install_runtime
+
     llm = bundle_model(bundle)
     with torch.no_grad():
         for name, weight in weights.items():
             llm.get_submodule(name).weight.copy_(weight)
+    if state is not None and state.activations is not None:
+        install_runtime(llm, state, kv=False)
     return llm
 
 
@@ -232,9 +232,9 @@ def layer_row(bundle: dict, options, reference: dict) -> dict:
 
 def whole_row(bundle: dict, options, weights: dict) -> dict:
     """The held-out answers' drift of the whole LLM compressed by mmpost and by llm-compressor."""
-    float_llm, llm = mmpost_compress(bundle, options)
+    float_llm, llm, state = mmpost_compress(bundle, options)
     ours = answer_drift(float_llm, llm, bundle["held_out"])
-    theirs = answer_drift(float_llm, with_weights(bundle, weights), bundle["held_out"])
+    theirs = answer_drift(float_llm, with_weights(bundle, weights, state), bundle["held_out"])
     ratio = ours["kl_to_float"] / theirs["kl_to_float"]
     line = (
         f"kl mmpost {ours['kl_to_float']:.4g}  llm-compressor {theirs['kl_to_float']:.4g}  ratio {ratio:.3f}  "
@@ -248,9 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", help="a finished run directory (final/ and config.yaml)")
     parser.add_argument("--reference-python", required=True, help="python of an environment with llmcompressor")
     parser.add_argument("--layer", type=int, default=1)
-    parser.add_argument(
-        "--whole", action="store_true", help="compress the whole LLM and compare the answers' drift (weight-only)"
-    )
+    parser.add_argument("--whole", action="store_true", help="compress the whole LLM and compare the answers' drift")
     parser.add_argument(
         "--text-calib", action="store_true", help="calibrate on the samples without their media (text-only tools)"
     )
@@ -294,15 +292,13 @@ def main(argv: list[str] | None = None) -> int:
 
         calib = [text_only(sample) for sample in calib]
     layer = None if args.whole else args.layer
-    if args.whole and set(args.recipes.split(",")) - WEIGHT_ONLY:
-        parser.error(f"--whole compares weight-only recipes: {sorted(WEIGHT_ONLY)}")
     bundle = make_bundle(
         model, layer, layer_states(model, calib, layer or 0), layer_states(model, held_out, layer or 0)
     )
     rows = {}
     if args.whole:  # round to nearest, the baseline the calibrated methods should beat
         rtn = replace(load_options("w4a16"), group_size=args.group_size)
-        rows["rtn_w4a16"] = {"mmpost": answer_drift(*mmpost_compress(bundle, rtn), bundle["held_out"])}
+        rows["rtn_w4a16"] = {"mmpost": answer_drift(*mmpost_compress(bundle, rtn)[:2], bundle["held_out"])}
         print(f"{'rtn_w4a16':<24} mmpost kl {rows['rtn_w4a16']['mmpost']['kl_to_float']:.4g}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in args.recipes.split(","):
