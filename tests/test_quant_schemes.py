@@ -136,6 +136,9 @@ def test_awq_and_smoothquant_lower_the_error_of_round_to_nearest(make_model, cal
     assert len(report.smoothing) == 2 * 3
     assert all(s["error"] <= s["rtn"] for s in report.smoothing.values())
     assert sum(s["error"] for s in report.smoothing.values()) < 0.95 * sum(s["rtn"] for s in report.smoothing.values())
+    summary = report.summary()  # the summary carries the gain: the rounding alone, of scaled weights, cannot show it
+    ratios = [s["error"] / s["rtn"] for s in report.smoothing.values()]
+    assert summary["awq_error_vs_rtn"] == pytest.approx(sum(ratios) / len(ratios)) and summary["awq_error_vs_rtn"] < 1
 
 
 @pytest.mark.parametrize("preset", ["w4a16-awq", "w8a8"])

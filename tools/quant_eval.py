@@ -11,7 +11,9 @@ held-out set (``data.eval``, multimodal):
 - ``loss``: held-out answer cross-entropy;
 - ``kl_to_float``: mean KL(float || quantized) of the next-token distributions over held-out answer tokens;
 - ``layer_error`` / ``rtn_error``: mean relative output error of the compressed layers on their calibration
-  inputs, the method's weights against round-to-nearest's on the same inputs;
+  inputs, the method's weights against round-to-nearest's on the same inputs; for AWQ, whose rounding is
+  round-to-nearest of the scaled weights, ``awq_error_vs_rtn`` instead: the mean over the scaled groups of the
+  parent block's output error with AWQ's scales over that with plain rounding, on the calibration inputs;
 - ``layer_ratio``: bytes of the quantized layers in the saved compressed-tensors checkpoint over the same
   layers in bfloat16.
 
@@ -171,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                 chosen = draw(samples, index, args.calib_samples) if samples else None
                 report = quantize(model, options, chosen, progress=False).summary()
                 row |= {"scheme": report["scheme"], "seconds": report["seconds"]}
-                if "mean_error" in report:
+                if "awq_error_vs_rtn" in report:  # AWQ rounds its scaled weights: the gain is in the scales
+                    row["awq_error_vs_rtn"] = report["awq_error_vs_rtn"]
+                elif "mean_error" in report:
                     row |= {"layer_error": report["mean_error"], "rtn_error": report.get("mean_error_rtn")}
                 with tempfile.TemporaryDirectory() as tmp:
                     model.save(Path(tmp) / "q")

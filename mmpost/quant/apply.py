@@ -66,7 +66,8 @@ class QuantReport:
             compressed weights (``final``) and of round-to-nearest's alone on the same inputs (``rtn``; absent
             when the weights stay float).
         smoothing: per smoothed group of layers (named by its first), AWQ's chosen ratio and its parent's output
-            error against round-to-nearest's, or SmoothQuant's largest scale.
+            error against round-to-nearest's, or SmoothQuant's largest scale; the summary gives AWQ's mean ratio of
+            the two (``awq_error_vs_rtn``).
         seconds: time taken.
     """
 
@@ -89,6 +90,9 @@ class QuantReport:
             out["mean_error"] = sum(e["final"] for e in self.errors.values()) / len(self.errors)
             if all("rtn" in e for e in self.errors.values()):
                 out["mean_error_rtn"] = sum(e["rtn"] for e in self.errors.values()) / len(self.errors)
+        awq = [e["error"] / e["rtn"] for e in self.smoothing.values() if "awq_ratio" in e and e["rtn"] > 0]
+        if awq:  # the rounding alone happens on AWQ's scaled weights, so ``errors`` cannot show what the scales gain
+            out["awq_error_vs_rtn"] = sum(awq) / len(awq)
         if self.modality_weights:  # the blocks' median weight of a media token's error over a text token's
             ratios = [w["media"] / w["text"] for w in self.modality_weights.values() if w["text"] > 0]
             if ratios:
