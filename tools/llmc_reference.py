@@ -46,7 +46,10 @@ llmcompressor==0.14.0.1``; no model hub is needed, set HF_HUB_OFFLINE=1)
 The second form writes a small synthetic bundle.  Besides RESULT.json the run
 writes RESULT.weights.pt: {module name: dequantized float weight} of every
 Linear and norm of every decoder layer of the bundle (the norms hold the
-smoothing scales); the errors above are layer 0's.
+smoothing scales); the errors above are layer 0's.  The harness runs with
+llmcompressor==0.10.0.4 (transformers 4.57) too: that version's GPTQ keeps a pruned
+weight's zeros, which 0.14's no longer does, so it is the reference for SparseGPT
+2:4 followed by GPTQ.
 """
 
 import argparse
@@ -138,8 +141,13 @@ def build_recipe(name, opts):
     from compressed_tensors.quantization import preset_name_to_scheme
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
-    from llmcompressor.modifiers.transform import SmoothQuantModifier
-    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    try:
+        from llmcompressor.modifiers.transform import SmoothQuantModifier
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+    except ImportError:  # llm-compressor <= 0.10 kept them at the top level of modifiers
+        from llmcompressor.modifiers.awq import AWQModifier
+        from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
     gs = int(opts.get("group_size", 128))
     damp = float(opts.get("dampening", 0.01))
@@ -288,6 +296,10 @@ def run(bundle_path, out_path):
         from llmcompressor.pipelines.cache import IntermediatesCache
 
         IntermediatesCache.pin_memory = lambda self, *a, **k: None
+
+    if tuple(int(p) for p in llmcompressor.__version__.split(".")[:2]) <= (0, 10):
+        # llm-compressor <= 0.10 tokenizes any dataset it is given; hand it the ready DataLoader instead
+        sys.modules["llmcompressor.entrypoints.oneshot"].get_calibration_dataloader = lambda *a, **k: loader
 
     with tempfile.TemporaryDirectory() as cfg_dir:
         model.config.save_pretrained(cfg_dir)
