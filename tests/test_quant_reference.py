@@ -71,10 +71,14 @@ def test_the_whole_llm_bundle_reproduces_the_models_answers_and_measures_their_d
         keep = states[6]["labels"][:, 1:] != -100
         got = llm(inputs_embeds=states[6]["inputs_embeds"], attention_mask=states[6]["attention_mask"]).logits
     assert torch.allclose(got[:, :-1][keep], answers, atol=1e-4)  # the same answer logits as the multimodal model
-    assert quant_reference.answer_drift(llm, llm, bundle["held_out"]) == {"kl_to_float": 0.0, "greedy_agreement": 1.0}
+    float_answers = quant_reference.answer_log_probs(llm, bundle["held_out"])
+    assert quant_reference.answer_drift(float_answers, llm, bundle["held_out"]) == {
+        "kl_to_float": 0.0,
+        "greedy_agreement": 1.0,
+    }
     options = load_options(preset, group_size=load_options(preset).group_size and 32)
-    float_llm, rounded, state = quant_reference.mmpost_compress(bundle, options)
-    drift = quant_reference.answer_drift(float_llm, rounded, bundle["held_out"])
+    rounded, state = quant_reference.mmpost_compress(bundle, options)
+    drift = quant_reference.answer_drift(float_answers, rounded, bundle["held_out"])
     assert drift["kl_to_float"] > 0
     weights = {
         n: m.weight.detach().clone()
@@ -83,12 +87,12 @@ def test_the_whole_llm_bundle_reproduces_the_models_answers_and_measures_their_d
     }
     # dequantized weights carry it all, with the inputs quantized per token where the scheme does so
     again = quant_reference.with_weights(bundle, weights, state)
-    assert quant_reference.answer_drift(float_llm, again, bundle["held_out"])["kl_to_float"] == pytest.approx(
+    assert quant_reference.answer_drift(float_answers, again, bundle["held_out"])["kl_to_float"] == pytest.approx(
         drift["kl_to_float"], rel=1e-4
     )
     if state.activations is not None:  # without the inputs' quantization the same weights drift less
         weights_only = quant_reference.with_weights(bundle, weights)
-        plain = quant_reference.answer_drift(float_llm, weights_only, bundle["held_out"])
+        plain = quant_reference.answer_drift(float_answers, weights_only, bundle["held_out"])
         assert plain["kl_to_float"] < 0.9 * drift["kl_to_float"]
 
 

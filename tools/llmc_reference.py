@@ -338,7 +338,7 @@ def run(bundle_path, out_path):
     }
     if "2of4" in recipe:  # fraction of groups of 4 (along inputs) with >= 2 zeros
         result["two_of_four"] = {
-            n: float(((w.reshape(-1, 4) == 0).sum(1) >= 2).float().mean()) for n, w in weights.items() if n in sparsity
+            n: float(((weights[n].reshape(-1, 4) == 0).sum(1) >= 2).float().mean()) for n in sparsity
         }
     with open(out_path, "w") as f:
         json.dump(result, f, indent=2)

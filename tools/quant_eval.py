@@ -113,6 +113,7 @@ def held_out_batches(model, cfg, samples) -> dict[str, list]:
 @torch.no_grad()
 def measure(model, float_model, cfg, batches: dict[str, list], tasks: list[str], accelerator) -> dict:
     """Held-out accuracy and loss of ``model``, and its KL to ``float_model`` on the answer tokens."""
+    from mmpost.losses.distill import token_kl
     from mmpost.training.evaluate import eval_accuracy, eval_loss
 
     accuracy, _ = eval_accuracy(model, batches["generate"], accelerator, cfg.eval.max_new_tokens, tasks)
@@ -124,7 +125,7 @@ def measure(model, float_model, cfg, batches: dict[str, list], tasks: list[str],
         args = (batch.input_ids, batch.attention_mask, batch.media, batch.labels)
         p = float_model(*args).logits.log_softmax(-1)
         q = model(*args).logits.log_softmax(-1)
-        kl_sum += float((p.exp() * (p - q)).sum())
+        kl_sum += float(token_kl(p, q).sum())
         tokens += p.shape[0]
     result["kl_to_float"] = kl_sum / max(tokens, 1)
     return result

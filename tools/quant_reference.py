@@ -142,15 +142,15 @@ def bundle_model(bundle: dict):
 
 
 def mmpost_compress(bundle: dict, options):
-    """The bundle's float model, the same compressed by mmpost on the bundle's calibration states, and mmpost's
-    record of that compression (its ``QuantState``)."""
+    """The bundle's model compressed by mmpost on the bundle's calibration states, and mmpost's record of that
+    compression (its ``QuantState``)."""
     from mmpost.model.quantized import install_runtime, selected_linears
     from mmpost.quant.apply import QuantReport, compress_layers
 
     # the bundle holds hidden states with no answer to differentiate and no modality per token, as llm-compressor's
     # side gets them: the searches count every token alike (AWQ's own measure) on both sides
     options = replace(options, balance="none")
-    float_llm, llm = bundle_model(bundle), bundle_model(bundle)
+    llm = bundle_model(bundle)
     batches = [
         _Batch(
             [0],
@@ -165,28 +165,37 @@ def mmpost_compress(bundle: dict, options):
     with torch.no_grad():
         compress_layers(_OneLayer(llm), options, batches, linears, state, QuantReport("", len(linears)), False)
     state.runtime = install_runtime(llm, state)
-    return float_llm, llm, state
+    return llm, state
 
 
 def mmpost_errors(bundle: dict, options) -> dict:
-    float_llm, llm, _ = mmpost_compress(bundle, options)
-    errors, _ = llmc_reference.held_out_errors(float_llm, llm, bundle["held_out"])
+    llm, _ = mmpost_compress(bundle, options)
+    errors, _ = llmc_reference.held_out_errors(bundle_model(bundle), llm, bundle["held_out"])
     return errors
 
 
 @torch.no_grad()
-def answer_drift(float_llm, llm, held_out: list) -> dict:
-    """KL(float || compressed) of the next-token distributions over the held-out answer tokens, and how often
-    the compressed model's greedy token is the float model's there."""
-    kl, same, tokens = 0.0, 0, 0
+def answer_log_probs(llm, held_out: list) -> list[torch.Tensor]:
+    """Per held-out sample, ``llm``'s next-token log-probabilities at the positions that predict its answer."""
+    out = []
     for s in held_out:
-        kw = {"inputs_embeds": s["inputs_embeds"], "attention_mask": s["attention_mask"], "use_cache": False}
         keep = s["labels"][:, 1:] != -100  # position t predicts token t + 1
-        p = float_llm(**kw).logits[:, :-1][keep].float().log_softmax(-1)
-        q = llm(**kw).logits[:, :-1][keep].float().log_softmax(-1)
-        kl += float((p.exp() * (p - q)).sum())
+        logits = llm(inputs_embeds=s["inputs_embeds"], attention_mask=s["attention_mask"], use_cache=False).logits
+        out.append(logits[:, :-1][keep].float().log_softmax(-1))
+    return out
+
+
+def answer_drift(float_answers: list[torch.Tensor], llm, held_out: list) -> dict:
+    """KL(float || compressed) of the next-token distributions over the held-out answer tokens, and how often
+    the compressed model's greedy token is the float model's there; ``float_answers``: the float model's
+    ``answer_log_probs``, computed once for every compressed model."""
+    from mmpost.losses.distill import token_kl
+
+    kl, same, tokens = 0.0, 0, 0
+    for p, q in zip(float_answers, answer_log_probs(llm, held_out), strict=True):
+        kl += float(token_kl(p, q).sum())
         same += int((p.argmax(-1) == q.argmax(-1)).sum())
-        tokens += int(keep.sum())
+        tokens += p.shape[0]
     return {"kl_to_float": kl / max(tokens, 1), "greedy_agreement": same / max(tokens, 1)}
 
 
@@ -230,11 +239,12 @@ def layer_row(bundle: dict, options, reference: dict) -> dict:
     return row | {"line": f"worst ratio {row['worst_ratio']:.3f}   {cells}"}
 
 
-def whole_row(bundle: dict, options, weights: dict) -> dict:
-    """The held-out answers' drift of the whole LLM compressed by mmpost and by llm-compressor."""
-    float_llm, llm, state = mmpost_compress(bundle, options)
-    ours = answer_drift(float_llm, llm, bundle["held_out"])
-    theirs = answer_drift(float_llm, with_weights(bundle, weights, state), bundle["held_out"])
+def whole_row(bundle: dict, options, weights: dict, float_answers: list[torch.Tensor]) -> dict:
+    """The held-out answers' drift of the whole LLM compressed by mmpost and by llm-compressor, from the float
+    model's ``answer_log_probs``."""
+    llm, state = mmpost_compress(bundle, options)
+    ours = answer_drift(float_answers, llm, bundle["held_out"])
+    theirs = answer_drift(float_answers, with_weights(bundle, weights, state), bundle["held_out"])
     ratio = ours["kl_to_float"] / theirs["kl_to_float"]
     line = (
         f"kl mmpost {ours['kl_to_float']:.4g}  llm-compressor {theirs['kl_to_float']:.4g}  ratio {ratio:.3f}  "
@@ -297,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = {}
     if args.whole:  # round to nearest, the baseline the calibrated methods should beat
+        float_answers = answer_log_probs(bundle_model(bundle), bundle["held_out"])
         rtn = replace(load_options("w4a16"), group_size=args.group_size)
-        rows["rtn_w4a16"] = {"mmpost": answer_drift(*mmpost_compress(bundle, rtn)[:2], bundle["held_out"])}
+        rows["rtn_w4a16"] = {"mmpost": answer_drift(float_answers, mmpost_compress(bundle, rtn)[0], bundle["held_out"])}
         print(f"{'rtn_w4a16':<24} mmpost kl {rows['rtn_w4a16']['mmpost']['kl_to_float']:.4g}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in args.recipes.split(","):
@@ -308,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             reference, weights = reference_run(args.reference_python, bundle, recipe, options, args.group_size, tmp)
             if args.whole:
-                rows[recipe] = whole_row(bundle, options, weights)
+                rows[recipe] = whole_row(bundle, options, weights, float_answers)
             else:
                 rows[recipe] = layer_row(bundle, options, reference)
             print(f"{recipe:<24} {rows[recipe].pop('line')}", flush=True)

@@ -60,7 +60,7 @@ def top_k(teacher_logits: torch.Tensor, k: int) -> TopK:
     return TopK(logprobs=values, indices=indices)
 
 
-def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+def token_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """``KL(p || q)`` over the last dim, from log-probabilities; tokens with ``p = 0`` contribute 0 (not 0·inf)."""
     p = log_p.exp()
     diff = torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))
@@ -70,12 +70,12 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 def _divergence(log_s: torch.Tensor, log_t: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
     """Per-row divergence between student and teacher log-probabilities over the same support."""
     if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
-        return _kl(log_t, log_s)
+        return token_kl(log_t, log_s)
     if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
-        return _kl(log_s, log_t)
+        return token_kl(log_s, log_t)
     # log m = log(β p_t + (1 - β) p_s), without leaving log space
     log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log1p(-beta)]), dim=0)
-    return beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
+    return beta * token_kl(log_t, log_m) + (1.0 - beta) * token_kl(log_s, log_m)
 
 
 def token_divergence(
